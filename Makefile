@@ -1,0 +1,28 @@
+# gradhub: `make demo` sets up and trains a local cluster; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+ARGS ?=
+
+.PHONY: setup demo test protos clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/gradhub run $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+protos: setup
+	$(BIN)/python scripts/generate_protos.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,280 @@
+"""`gradhub run`: a whole cluster on this machine — Redis, the server, N workers.
+
+Each component is a real process (the same `gradhub server` / `gradhub worker`
+that containers run), talking real gRPC over loopback and real Redis over a Unix
+socket. The launcher writes the run's configuration to Redis, starts everything,
+draws progress from the status the server publishes, and stops every process it
+started: at the end, on Ctrl-C or SIGTERM, or when a process dies for good (a
+worker that crashes is restarted up to `max_restarts` times; the server is not).
+Children get SIGTERM if the launcher itself dies, so nothing outlives it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from gradhub.config import RunConfig
+from gradhub.coordination import RunCoordinator
+from gradhub.data import load_dataset
+from gradhub.errors import CoordinationError, GradhubError
+from gradhub.redis_server import EmbeddedRedis
+from gradhub_cli.progress import ProgressLine, format_status
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.2
+#: After the server exits, how long workers get to exit on their own.
+WORKER_EXIT_TIMEOUT_S = 15.0
+#: How long a process gets between SIGTERM and SIGKILL.
+TERMINATE_TIMEOUT_S = 10.0
+_PR_SET_PDEATHSIG = 1
+
+
+class LaunchError(GradhubError):
+    """A component of the local cluster failed for good."""
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: children still stop when the launcher stops them
+
+
+@dataclass
+class Component:
+    name: str
+    args: list[str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    log_file: IO[bytes] | None = None
+
+    def start(self, env: dict[str, str]) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_file = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.args,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # Ctrl-C reaches the launcher only; it stops children in order
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+
+    def poll(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def terminate(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+
+    def wait(self, timeout: float) -> int | None:
+        if self.process is None:
+            return None
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def close_log(self) -> None:
+        if self.log_file is not None:
+            self.log_file.close()
+            self.log_file = None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class LaunchSettings:
+    config: RunConfig
+    out: Path
+    redis_url: str | None = None
+    cache_dir: Path | None = None
+    progress: bool = True
+    max_restarts: int = 2
+    extra_env: dict[str, str] = field(default_factory=dict)
+    #: Extra flags for every worker (e.g. --device cpu).
+    worker_args: list[str] = field(default_factory=list)
+
+
+class LocalCluster:
+    def __init__(self, settings: LaunchSettings, stream: IO[str] | None = None) -> None:
+        self.settings = settings
+        self.config = settings.config
+        self.stream = stream or sys.stderr
+        self.components: list[Component] = []
+        self.redis_url: str | None = None
+        self._progress = ProgressLine(self.stream) if settings.progress else None
+
+    def _say(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.message(text)
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def _torch_threads(self) -> int:
+        # Workers and server share this machine's cores: each gets its share, not all of them.
+        return max(1, (os.cpu_count() or 1) // (self.config.workers + 1))
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.settings.extra_env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env.setdefault("OMP_NUM_THREADS", str(self._torch_threads()))
+        return env
+
+    def _common_args(self) -> list[str]:
+        args = ["--redis-url", str(self.redis_url), "--run-id", self.config.run_id,
+                "--torch-threads", str(self._torch_threads())]
+        if self.settings.cache_dir is not None:
+            args += ["--cache-dir", str(self.settings.cache_dir)]
+        return args
+
+    def run(self) -> dict[str, Any]:
+        """Run the cluster to the end; return summary.json's content."""
+        out = self.settings.out
+        out.mkdir(parents=True, exist_ok=True)
+        with ExitStack() as stack:
+            if self.settings.redis_url:
+                self.redis_url = self.settings.redis_url
+            else:
+                redis = stack.enter_context(EmbeddedRedis())
+                self.redis_url = redis.url
+            stack.callback(self._stop_all)
+            coordinator = RunCoordinator.from_url(self.redis_url, self.config.run_id)
+            coordinator.publish_config(self.config)
+            # Generate the dataset once here, not in N+1 processes at once.
+            load_dataset(self.config.dataset, self.settings.cache_dir)
+            self._say(
+                f"run {self.config.run_id}: {self.config.mode}, {self.config.workers} workers, "
+                f"model {self.config.model}, compression {self.config.compression}, "
+                f"{self.config.steps} steps -> {out}"
+            )
+            self._say(f"watch it: gradhub status --redis-url {self.redis_url}")
+            env = self._env()
+            server = Component(
+                "server",
+                [sys.executable, "-m", "gradhub_server", *self._common_args(),
+                 "--bind", "127.0.0.1:0", "--out", str(out)],
+                out / "logs" / "server.log",
+            )
+            self.components.append(server)
+            server.start(env)
+            for rank in range(self.config.workers):
+                worker = Component(
+                    f"worker-{rank}",
+                    [sys.executable, "-m", "gradhub_worker", *self._common_args(),
+                     *self.settings.worker_args],
+                    out / "logs" / f"worker-{rank}.log",
+                )
+                self.components.append(worker)
+                worker.start(env)
+            self._supervise(server, coordinator, env)
+        return self._read_summary()
+
+    def _supervise(self, server: Component, coordinator: RunCoordinator, env: dict[str, str]) -> None:
+        status: dict[str, Any] | None = None
+        while True:
+            code = server.poll()
+            if code is not None:
+                if code != 0:
+                    raise LaunchError(
+                        f"the server exited with code {code}; its log ({server.log_path}) ends:\n"
+                        f"{server.log_tail()}"
+                    )
+                break
+            for worker in self.components[1:]:
+                self._check_worker(worker, env)
+            try:
+                status = coordinator.read_status() or status
+            except CoordinationError as exc:
+                log.debug("status unavailable: %s", exc)
+            if status is not None and self._progress is not None:
+                self._progress.update(format_status(status, self.config.workers))
+            time.sleep(POLL_INTERVAL_S)
+        if self._progress is not None:
+            try:
+                status = coordinator.read_status() or status
+            except CoordinationError:
+                pass
+            self._progress.finish(format_status(status, self.config.workers) if status else None)
+        deadline = time.monotonic() + WORKER_EXIT_TIMEOUT_S
+        for worker in self.components[1:]:
+            code = worker.wait(max(0.0, deadline - time.monotonic()))
+            if code is None:
+                self._say(f"{worker.name} did not exit after the run finished; stopping it")
+
+    def _check_worker(self, worker: Component, env: dict[str, str]) -> None:
+        code = worker.poll()
+        if code is None or code == 0:
+            return
+        if worker.restarts >= self.settings.max_restarts:
+            raise LaunchError(
+                f"{worker.name} exited with code {code} after {worker.restarts} restarts; "
+                f"its log ({worker.log_path}) ends:\n{worker.log_tail()}"
+            )
+        worker.restarts += 1
+        self._say(
+            f"{worker.name} exited with code {code}; restarting "
+            f"({worker.restarts}/{self.settings.max_restarts})"
+        )
+        worker.close_log()
+        worker.start(env)
+
+    def _stop_all(self) -> None:
+        """SIGTERM everything still running (server first: it writes results), then SIGKILL."""
+        for component in self.components:
+            component.terminate()
+        deadline = time.monotonic() + TERMINATE_TIMEOUT_S
+        for component in self.components:
+            if component.wait(max(0.0, deadline - time.monotonic())) is None:
+                component.kill()
+            component.close_log()
+
+    def _read_summary(self) -> dict[str, Any]:
+        path = self.settings.out / "summary.json"
+        try:
+            return dict(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise LaunchError(f"the run ended without a readable {path}: {exc}") from exc
+
+
+def format_summary(summary: dict[str, Any], out: Path) -> str:
+    mb = 1e6
+    ratio = summary.get("compression_ratio")
+    lines = [
+        f"run {summary['run_id']} {summary['status']} in {summary['wall_seconds']:.1f}s: "
+        f"{summary['steps']} steps, test accuracy {100 * (summary['final_test_accuracy'] or 0):.2f}% "
+        f"(test loss {summary['final_test_loss'] or float('nan'):.4f})",
+        f"pushes applied {summary['pushes_applied']}, refused {summary['pushes_refused']}; "
+        f"pushed {summary['bytes_pushed'] / mb:.2f} MB "
+        f"(dense fp32: {summary['dense_bytes_equivalent'] / mb:.2f} MB"
+        + (f", {ratio:.1f}x less" if ratio else "")
+        + f"), pulled {summary['bytes_pulled'] / mb:.2f} MB",
+        f"staleness mean {summary['staleness']['mean']:.2f}, max {summary['staleness']['max']}",
+        f"results in {out}/: summary.json metrics.jsonl training.png staleness.png model.pt logs/",
+    ]
+    return "\n".join(lines)

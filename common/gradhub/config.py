@@ -1,0 +1,201 @@
+"""The run's configuration: written once to Redis, read by every process of the run.
+
+Only what every process must agree on lives here (mode, model, optimizer, codec,
+batch size, seed, lease length). Per-process settings (bind address, output
+folder, device) are flags of the process that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from gradhub.errors import ConfigurationError
+
+MODES = ("sync", "async")
+OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("constant", "step", "cosine")
+
+#: Defaults that depend on the mode, measured on MNIST-1D with the default CNN
+#: (see README, "Figures"). Async applies every push alone (batch 50, not 100) and
+#: its staleness already acts like extra momentum, so it takes a smaller step, more often.
+MODE_DEFAULTS: dict[str, dict[str, float | int]] = {
+    "sync": {"steps": 3000, "lr": 0.1},
+    "async": {"steps": 6000, "lr": 0.03},
+}
+
+
+def new_run_id(mode: str) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{mode}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run_id: str
+    mode: str = "sync"
+    #: World size: how many ranks (data shards) the run has.
+    workers: int = 2
+    #: Server updates to make (model versions); in sync mode one per barrier step.
+    steps: int = 3000
+    #: A built-in model name or `module:function`.
+    model: str = "cnn"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "mnist1d"
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    #: constant | step (x0.1 for the last quarter) | cosine, over `steps`.
+    lr_schedule: str = "step"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    #: Gradient codec name: none | fp16 | topk:RATIO.
+    compression: str = "fp16"
+    #: Async only: a push staler than this many versions is refused.
+    max_staleness: int = 16
+    #: Samples per worker per step.
+    batch_size: int = 50
+    seed: int = 0
+    #: Evaluate the parent model on the held-out split every this many versions.
+    eval_every: int = 100
+    #: A worker that has not renewed its lease for this long is dead to the run.
+    lease_seconds: float = 3.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.mode not in MODES:
+            problems.append(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for name in ("workers", "steps", "batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not self.lr > 0:
+            problems.append(f"lr must be positive, got {self.lr}")
+        if self.max_staleness < 0:
+            problems.append(f"max_staleness must be >= 0, got {self.max_staleness}")
+        if not self.lease_seconds > 0:
+            problems.append(f"lease_seconds must be positive, got {self.lease_seconds}")
+        if not self.run_id or any(c in self.run_id for c in " :{}"):
+            problems.append(f"run_id must be non-empty without spaces, ':' or braces: {self.run_id!r}")
+        if problems:
+            raise ConfigurationError("; ".join(problems))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigurationError(f"unknown configuration keys: {sorted(unknown)}")
+        return cls(**data)
+
+
+def env_name(dest: str) -> str:
+    return "GRADHUB_" + dest.upper()
+
+
+def apply_env_defaults(parser: argparse.ArgumentParser) -> None:
+    """Let GRADHUB_<FLAG> set any flag's default, so containers configure by environment.
+
+    A flag given on the command line still wins over the environment.
+    """
+    for action in parser._actions:  # argparse offers no public iterator over actions
+        if not action.option_strings or action.dest in ("help",):
+            continue
+        value = os.environ.get(env_name(action.dest))
+        if value is None:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            action.default = value.strip().lower() in ("1", "true", "yes", "on")
+            continue
+        convert = action.type if callable(action.type) else str
+        try:
+            action.default = convert(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(
+                f"environment variable {env_name(action.dest)}={value!r}: {exc}"
+            ) from exc
+        action.required = False
+
+
+def parse_json_object(text: str) -> dict[str, Any]:
+    """argparse type for --model-kwargs."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"channels\": 32}'")
+    return value
+
+
+def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for every RunConfig field. Defaults stay None so that `run_config_from_args`
+    can tell a flag the user gave from one they did not (and resolve per-mode defaults)."""
+    group = parser.add_argument_group("run configuration (shared by every process of the run)")
+    group.add_argument("--mode", choices=MODES, help="sync: barrier per step; async: apply on arrival (default sync)")
+    group.add_argument("--workers", type=int, help="number of workers / data shards (default 2)")
+    group.add_argument("--steps", type=int, help="server updates to make (default: sync 3000, async 6000)")
+    group.add_argument("--model", help="built-in model name (cnn, mlp, linear) or module:function (default cnn)")
+    group.add_argument("--model-kwargs", type=parse_json_object, help="JSON object of keyword arguments for the model")
+    group.add_argument("--dataset", help="dataset (default mnist1d)")
+    group.add_argument("--optimizer", choices=OPTIMIZERS, help="server-side optimizer (default sgd, with momentum)")
+    group.add_argument("--lr", type=float, help="learning rate (default: sync 0.1, async 0.03)")
+    group.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                       help="constant, step (x0.1 for the last quarter of steps) or cosine (default step)")
+    group.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
+    group.add_argument("--weight-decay", type=float, help="weight decay (default 5e-4)")
+    group.add_argument("--compression", help="gradient codec: none | fp16 | topk:RATIO (default fp16)")
+    group.add_argument("--max-staleness", type=int, help="async: refuse pushes staler than this (default 16)")
+    group.add_argument("--batch-size", type=int, help="samples per worker per step (default 50)")
+    group.add_argument("--seed", type=int, help="seed of initialisation and data order (default 0)")
+    group.add_argument("--eval-every", type=int, help="evaluate on the held-out split every N versions (default 100)")
+    group.add_argument("--lease-seconds", type=float, help="worker lease length; a dead worker leaves within it (default 3)")
+
+
+_RUN_FLAG_FIELDS = (
+    "mode", "workers", "steps", "model", "model_kwargs", "dataset", "optimizer", "lr", "lr_schedule",
+    "momentum", "weight_decay", "compression", "max_staleness", "batch_size", "seed",
+    "eval_every", "lease_seconds",
+)
+
+
+def given_run_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The RunConfig fields the user set by flag or environment."""
+    return {name: getattr(args, name) for name in _RUN_FLAG_FIELDS if getattr(args, name, None) is not None}
+
+
+def run_config_from_args(args: argparse.Namespace, run_id: str | None = None) -> RunConfig:
+    """A RunConfig from flags, filling per-mode defaults for steps and lr."""
+    given = given_run_fields(args)
+    mode = given.get("mode", "sync")
+    if mode not in MODE_DEFAULTS:
+        raise ConfigurationError(f"mode must be one of {MODES}, got {mode!r}")
+    values: dict[str, Any] = dict(MODE_DEFAULTS[mode])
+    values.update(given)
+    values["run_id"] = run_id or new_run_id(mode)
+    return RunConfig(**values)
+
+
+def check_agrees(config: RunConfig, given: dict[str, Any]) -> None:
+    """Raise when flags the user gave contradict an already published configuration."""
+    clashes = [
+        f"{name}={value!r} (run has {getattr(config, name)!r})"
+        for name, value in given.items()
+        if getattr(config, name) != value
+    ]
+    if clashes:
+        raise ConfigurationError(
+            f"run {config.run_id} is already configured differently: {', '.join(clashes)}"
+        )

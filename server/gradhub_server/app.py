@@ -1,0 +1,277 @@
+"""The server process: builds the parent model, serves gRPC, publishes status, writes results.
+
+Lifecycle: `start()` binds (port 0 allowed) and publishes the address in Redis;
+`wait()` blocks until the run reaches its last step or `request_stop()` is called
+(SIGTERM, Ctrl-C), then evaluates the final model, writes the run folder, marks
+the run finished in Redis, lets workers leave, and stops serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from gradhub import wire
+from gradhub.config import RunConfig
+from gradhub.coordination import RunCoordinator
+from gradhub.data import load_dataset
+from gradhub.errors import ConfigurationError, CoordinationError
+from gradhub.models import build_model, count_parameters
+from gradhub.v1 import parameter_server_pb2_grpc as pb_grpc
+from gradhub_server.core import ParameterServerCore
+from gradhub_server.evaluation import BackgroundEvaluator, Evaluation, Evaluator
+from gradhub_server.membership import Membership
+from gradhub_server.policies import build_policy
+from gradhub_server.report import MetricsLog, summary, write_run_folder
+from gradhub_server.schedules import schedule_from_name
+from gradhub_server.servicer import ParameterServerServicer
+from gradhub_server.stats import ServerStats
+from gradhub_server.store import ParameterStore, build_optimizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Per-process settings of the server (the run's settings are in RunConfig)."""
+
+    out: Path
+    bind: str = "127.0.0.1:0"
+    #: Address workers should dial; defaults to the bound host and port.
+    advertise: str | None = None
+    cache_dir: Path | None = None
+    #: How often status goes to Redis (and the address's TTL is renewed).
+    status_interval: float = 0.5
+    #: After the last step, how long to wait for workers to read "finished" and leave.
+    drain_timeout: float = 10.0
+    #: Grace given to in-flight RPCs when the gRPC server stops.
+    stop_grace: float = 2.0
+    rpc_threads: int = 0
+    channel_options: tuple[tuple[str, Any], ...] = field(
+        default=(
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 4000),
+            ("grpc.http2.max_ping_strikes", 0),
+        )
+    )
+
+
+def _advertised(bind: str, port: int) -> str:
+    host = bind.rsplit(":", 1)[0]
+    if host in ("0.0.0.0", "[::]", ""):
+        host = socket.gethostname()
+    return f"{host}:{port}"
+
+
+class ServerApp:
+    def __init__(self, config: RunConfig, coordinator: RunCoordinator, settings: ServerSettings) -> None:
+        self.config = config
+        self.coordinator = coordinator
+        self.settings = settings
+        self.address: str | None = None
+        self._stop_requested = threading.Event()
+        self._finished = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._last_eval: Evaluation | None = None
+        self._state = "starting"
+
+        torch.manual_seed(config.seed)
+        model = build_model(config.model, config.model_kwargs)
+        self.model_parameters = count_parameters(model)
+        if self.model_parameters == 0:
+            raise ConfigurationError(f"model {config.model!r} has no parameters")
+        self.store = ParameterStore(
+            model,
+            build_optimizer(config, list(model.parameters())),
+            config.steps,
+            schedule_from_name(config.lr_schedule),
+        )
+        self.stats = ServerStats()
+        self.membership = Membership(
+            coordinator, config.workers, refresh_interval=max(0.05, config.lease_seconds / 6)
+        )
+        self.policy = build_policy(config, self.store, self.membership, self.stats)
+        self.core = ParameterServerCore(config, self.store, self.policy, self.membership, self.stats)
+        splits = load_dataset(config.dataset, settings.cache_dir)
+        eval_model = build_model(config.model, config.model_kwargs)
+        self.evaluator = BackgroundEvaluator(
+            Evaluator(eval_model, splits), self.store.versioned_parameters, self._record_eval
+        )
+        self.metrics = MetricsLog(settings.out / "metrics.jsonl")
+        self.membership.subscribe(self._record_membership)
+        # Dense fp32 with int64 indices is the largest honest encoding (12 bytes per element).
+        limits = wire.WireLimits(max_payload_bytes=12 * self.model_parameters + (1 << 16))
+        threads = settings.rpc_threads or max(16, 4 * config.workers + 4)
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
+            options=list(settings.channel_options),
+        )
+        pb_grpc.add_ParameterServerServicer_to_server(
+            ParameterServerServicer(self.core, limits), self._grpc
+        )
+        self._started = time.monotonic()
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> str:
+        port = self._grpc.add_insecure_port(self.settings.bind)
+        if port == 0:
+            raise ConfigurationError(f"cannot bind the gRPC server to {self.settings.bind}")
+        self.address = self.settings.advertise or _advertised(self.settings.bind, port)
+        self.metrics.write(
+            {"event": "start", "wall_seconds": 0.0, "address": self.address,
+             "model_parameters": self.model_parameters, "config": _config_dict(self.config)}
+        )
+        self.membership.start()
+        self.evaluator.start()
+        self._grpc.start()
+        self._started = time.monotonic()
+        self.core.started = self._started
+        self._state = "running"
+        self._publish()
+        self._spawn(self._status_loop, "status")
+        self._spawn(self._progress_loop, "progress")
+        log.info(
+            "serving run %s (%s, %d workers, %s, %d parameters) on %s",
+            self.config.run_id, self.config.mode, self.config.workers, self.config.model,
+            self.model_parameters, self.address,
+        )
+        return self.address
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    def wait(self) -> dict[str, Any]:
+        """Block until finished or stopped; write results; return the summary."""
+        while not (self.store.finished or self._stop_requested.is_set()):
+            self._stop_requested.wait(0.05)
+        interrupted = not self.store.finished
+        self._state = "interrupted" if interrupted else "finishing"
+        final = self.evaluator.evaluate_now()
+        totals = self.stats.totals()
+        wall = time.monotonic() - self._started
+        record = summary(
+            self.config, "interrupted" if interrupted else "finished", self.store.version,
+            self.model_parameters, _eval_dict(final), wall, totals,
+        )
+        self.metrics.write({"event": "end", "wall_seconds": round(wall, 3), "status": record["status"],
+                            "version": self.store.version})
+        write_run_folder(
+            self.settings.out, self.config, record, self.store.state_dict(), list(self.metrics.evals),
+            self.stats.staleness_histograms(),
+        )
+        self._state = "interrupted" if interrupted else "finished"
+        self._publish()
+        if not interrupted:
+            self._drain()
+        self.stop()
+        return record
+
+    def stop(self) -> None:
+        self._stop_requested.set()
+        self.core.close()
+        self._grpc.stop(self.settings.stop_grace).wait(self.settings.stop_grace + 1)
+        self.evaluator.stop()
+        self.membership.stop()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.metrics.close()
+
+    # --- background work -------------------------------------------------------------------
+
+    def _spawn(self, target: Any, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _drain(self) -> None:
+        """Give workers time to read 'finished' and release their leases."""
+        deadline = time.monotonic() + self.settings.drain_timeout
+        while time.monotonic() < deadline:
+            self.membership.refresh()
+            if not self.membership.live():
+                return
+            time.sleep(0.1)
+        log.info("workers still registered after %.0fs drain: %s", self.settings.drain_timeout,
+                 sorted(self.membership.live()))
+
+    def _status_loop(self) -> None:
+        while not self._stop_requested.wait(self.settings.status_interval):
+            self._publish()
+
+    def _progress_loop(self) -> None:
+        """Request an evaluation every eval_every versions."""
+        next_eval = self.config.eval_every
+        while not self._stop_requested.is_set() and not self.store.finished:
+            if self.store.version >= next_eval:
+                self.evaluator.request()
+                next_eval = (self.store.version // self.config.eval_every + 1) * self.config.eval_every
+            self.store.wait_for_version(next_eval, 0.5)
+
+    def _publish(self) -> None:
+        status = self.status()
+        try:
+            if self.address:
+                self.coordinator.publish_server(self.address, ttl=max(5.0, 6 * self.settings.status_interval))
+            self.coordinator.write_status(status)
+        except CoordinationError as exc:
+            log.warning("could not publish status: %s", exc)
+
+    def status(self) -> dict[str, Any]:
+        status = self.core.status()
+        status["state"] = self._state
+        status["address"] = self.address
+        status["updated_at"] = time.time()
+        if self._last_eval is not None:
+            status["test_accuracy"] = self._last_eval.test_accuracy
+            status["test_loss"] = self._last_eval.test_loss
+            status["eval_version"] = self._last_eval.version
+        return status
+
+    def _record_eval(self, result: Evaluation) -> None:
+        self._last_eval = result
+        status = self.core.status()
+        self.metrics.write(
+            {
+                "event": "eval",
+                **_eval_dict(result),
+                "wall_seconds": round(time.monotonic() - self._started, 3),
+                "train_loss": status["train_loss"],
+                "pushes_per_second": status["pushes_per_second"],
+                "pushes_applied": status["pushes_applied"],
+                "pushes_refused": status["pushes_refused"],
+                "staleness_mean": status["staleness_mean"],
+                "staleness_max": status["staleness_max"],
+            }
+        )
+
+    def _record_membership(self, old: dict[str, int], new: dict[str, int]) -> None:
+        self.metrics.write(
+            {
+                "event": "membership",
+                "wall_seconds": round(time.monotonic() - self._started, 3),
+                "version": self.store.version,
+                "live": {worker: rank for worker, rank in sorted(new.items())},
+                "joined": sorted(set(new) - set(old)),
+                "left": sorted(set(old) - set(new)),
+            }
+        )
+
+
+def _eval_dict(result: Evaluation) -> dict[str, Any]:
+    return {"version": result.version, "test_loss": result.test_loss, "test_accuracy": result.test_accuracy}
+
+
+def _config_dict(config: RunConfig) -> dict[str, Any]:
+    import json
+
+    return dict(json.loads(config.to_json()))

@@ -1,0 +1,96 @@
+"""`gradhub server`: run the parameter server of one run.
+
+Every flag can also be set by an environment variable GRADHUB_<FLAG> (for example
+GRADHUB_REDIS_URL, GRADHUB_BIND, GRADHUB_MODE), which is how containers configure it.
+If the run's configuration is already in Redis (written by `gradhub run`, or by an
+earlier start of this server) it is used; flags that contradict it are an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from gradhub.config import (
+    add_run_config_arguments,
+    apply_env_defaults,
+    check_agrees,
+    given_run_fields,
+    run_config_from_args,
+)
+from gradhub.coordination import RunCoordinator
+from gradhub.errors import GradhubError
+from gradhub.logs import set_torch_threads, setup_logging
+from gradhub_server.app import ServerApp, ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradhub server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--redis-url", required=True, help="Redis URL (redis://host:port/0 or unix:///path)")
+    parser.add_argument("--run-id", help="run to serve (default: a new run id)")
+    parser.add_argument("--bind", default="127.0.0.1:0", help="gRPC listen address; port 0 picks a free port")
+    parser.add_argument("--advertise", help="address workers should dial (default: the bound host:port)")
+    parser.add_argument("--out", type=Path, help="run folder for results (default runs/<run-id>)")
+    parser.add_argument("--cache-dir", type=Path, help="dataset cache folder (default ~/.cache/gradhub)")
+    parser.add_argument("--drain-timeout", type=float, default=10.0,
+                        help="seconds to wait for workers to leave after the last step")
+    parser.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
+    add_run_config_arguments(parser)
+    apply_env_defaults(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging("server", args.log_level)
+    set_torch_threads(args.torch_threads)
+    try:
+        coordinator = RunCoordinator.from_url(args.redis_url, args.run_id or "pending")
+        config = None
+        if args.run_id:
+            config = coordinator.read_config()
+            if config is not None:
+                check_agrees(config, given_run_fields(args))
+        if config is None:
+            config = run_config_from_args(args, args.run_id)
+            coordinator = RunCoordinator(coordinator.client, config.run_id)
+            config = coordinator.publish_config(config)
+        settings = ServerSettings(
+            out=args.out or Path("runs") / config.run_id,
+            bind=args.bind,
+            advertise=args.advertise,
+            cache_dir=args.cache_dir,
+            drain_timeout=args.drain_timeout,
+        )
+        app = ServerApp(config, coordinator, settings)
+        app.start()
+    except GradhubError as exc:
+        log.error("%s", exc)
+        return 2
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %s: stopping after writing results", signal.Signals(signum).name)
+        app.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    record = app.wait()
+    log.info(
+        "run %s %s at version %d: test accuracy %.4f; results in %s",
+        record["run_id"], record["status"], record["steps"], record["final_test_accuracy"] or 0.0,
+        settings.out,
+    )
+    return 0 if record["status"] == "finished" else 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

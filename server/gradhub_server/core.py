@@ -1,0 +1,157 @@
+"""The parameter server's domain: what a push and a pull do, without protobuf or gRPC.
+
+A push is checked in this order, each failure a precise error and nothing touched:
+run id, run not finished, worker holds a lease, gradient matches the model and is
+finite, version not from the future, sequence number new (a push that gets this far
+takes its number, whatever the policy decides); then the policy decides (stale, barrier).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import torch
+
+from gradhub.config import RunConfig
+from gradhub.domain import ParameterSnapshot, Push, PushResult
+from gradhub.errors import (
+    DuplicatePush,
+    FuturePush,
+    GradhubError,
+    RunFinished,
+    ServerUnavailable,
+    UnknownWorker,
+    VersionNotReached,
+    WrongRun,
+)
+from gradhub_server.membership import Membership
+from gradhub_server.policies import Submission, UpdatePolicy
+from gradhub_server.stats import ServerStats
+from gradhub_server.store import ParameterStore
+
+log = logging.getLogger(__name__)
+
+#: Longest a push may wait in a barrier, or a pull for a version, when the caller set no deadline.
+DEFAULT_WAIT_S = 60.0
+
+
+class ParameterServerCore:
+    def __init__(
+        self,
+        config: RunConfig,
+        store: ParameterStore,
+        policy: UpdatePolicy,
+        membership: Membership,
+        stats: ServerStats,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.policy = policy
+        self.membership = membership
+        self.stats = stats
+        self.started = time.monotonic()
+        self._seq_lock = threading.Lock()
+        self._last_seq: dict[str, int] = {}
+        self._closing = False
+
+    def push(self, push: Push, timeout: float | None) -> PushResult:
+        meta = push.meta
+        if meta.run_id != self.config.run_id:
+            raise WrongRun(f"push for run {meta.run_id!r}; this server serves {self.config.run_id!r}")
+        if self._closing:
+            raise ServerUnavailable("the server is stopping")
+        if self.store.finished:
+            raise RunFinished(f"the run finished at version {self.store.version}")
+        rank = self.membership.rank_of(meta.worker_id)
+        if rank is None:
+            raise UnknownWorker(
+                f"worker {meta.worker_id!r} holds no lease in run {self.config.run_id}: "
+                "register (or re-register after a lease loss) first"
+            )
+        self.store.validate(push.tensors)
+        if meta.base_version > self.store.version:  # versions only grow: safe to check early
+            raise FuturePush(
+                f"push computed on version {meta.base_version}, but the server is at "
+                f"version {self.store.version}"
+            )
+        with self._seq_lock:
+            last = self._last_seq.get(meta.worker_id, 0)
+            if meta.seq <= last:
+                raise DuplicatePush(
+                    f"worker {meta.worker_id!r} push seq {meta.seq} already seen (last {last})"
+                )
+            self._last_seq[meta.worker_id] = meta.seq
+        gradient = [t.to_dense() for t in push.tensors]
+        return self.policy.submit(
+            Submission(push=push, gradient=gradient, rank=rank), timeout or DEFAULT_WAIT_S
+        )
+
+    def refused(self, push: Push | None, worker_id: str, error: GradhubError) -> None:
+        """Count a refused push (errors as data); the caller turns it into a status."""
+        self.stats.record_refused(
+            worker_id,
+            type(error).__name__,
+            wire_bytes=push.wire_bytes if push else 0,
+            dense_bytes=push.dense_bytes if push else 0,
+            after_finish=isinstance(error, RunFinished),
+        )
+        if not isinstance(error, RunFinished):
+            log.info("refused push from %s: %s: %s", worker_id or "?", type(error).__name__, error)
+
+    def pull(
+        self, run_id: str, min_version: int, dtype: torch.dtype, timeout: float | None
+    ) -> ParameterSnapshot:
+        if run_id != self.config.run_id:
+            raise WrongRun(f"pull for run {run_id!r}; this server serves {self.config.run_id!r}")
+        if self._closing:
+            raise ServerUnavailable("the server is stopping")
+        if min_version > self.store.version and not self.store.finished:
+            wait = DEFAULT_WAIT_S if timeout is None else timeout
+            if not self.store.wait_for_version(min_version, wait):
+                if self._closing:
+                    raise ServerUnavailable("the server is stopping")
+                raise VersionNotReached(
+                    f"version {min_version} not reached within {wait:.1f}s "
+                    f"(server at {self.store.version})"
+                )
+        return self.store.snapshot(dtype)
+
+    def close(self) -> None:
+        self._closing = True
+        self.policy.close()
+        self.store.close()
+
+    def status(self) -> dict[str, Any]:
+        version = self.store.version
+        live = self.membership.live()
+        totals = self.stats.totals()
+        workers = []
+        for worker_id, rank in sorted(live.items(), key=lambda item: item[1]):
+            counters = totals["workers"].get(worker_id, {})
+            last = counters.get("last_base_version", 0)
+            workers.append(
+                {
+                    "rank": rank,
+                    "worker_id": worker_id,
+                    "pushes_applied": counters.get("pushes_applied", 0),
+                    "lag": version - last if counters else None,
+                }
+            )
+        return {
+            "run_id": self.config.run_id,
+            "mode": self.config.mode,
+            "version": version,
+            "steps": self.store.steps,
+            "finished": self.store.finished,
+            "live_workers": workers,
+            "pushes_applied": totals["pushes_applied"],
+            "pushes_refused": totals["pushes_refused"],
+            "pushes_per_second": round(self.stats.pushes_per_second(), 2),
+            "train_loss": self.stats.train_loss,
+            "staleness_mean": totals["staleness"]["mean"],
+            "staleness_max": totals["staleness"]["max"],
+            "wall_seconds": round(time.monotonic() - self.started, 3),
+        }

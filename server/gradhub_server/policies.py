@@ -1,0 +1,191 @@
+"""Update policies: when and how pushed gradients change the parent model.
+
+Each policy is one small class behind `UpdatePolicy`, chosen by the run's mode:
+
+- `sync`: a barrier per step over the live workers. Each live worker pushes one
+  gradient computed on the current version; when all have, their mean (summed in
+  rank order, so the result is reproducible) makes one optimizer step. A push
+  returns once its step is applied. A worker whose lease expires stops being
+  waited for; a gradient it pushed before dying still counts.
+- `async`: every push is applied on arrival. Its staleness (server version minus
+  the version it was computed on) is recorded; beyond `max_staleness` it is refused.
+
+Validation (shapes, finiteness, identity, no version from the future) happened
+before `submit`: a policy only decides about well-formed gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gradhub.config import RunConfig
+from gradhub.domain import Push, PushResult
+from gradhub.errors import DuplicatePush, ServerUnavailable, StalePush
+from gradhub.retry import Deadline
+from gradhub_server.membership import Membership
+from gradhub_server.stats import ServerStats
+from gradhub_server.store import ParameterStore
+
+log = logging.getLogger(__name__)
+
+#: How often a waiting sync push re-checks membership, besides being woken on changes.
+BARRIER_TICK_S = 0.1
+
+
+@dataclass(frozen=True)
+class Submission:
+    push: Push
+    gradient: Sequence[torch.Tensor]
+    rank: int
+
+
+class UpdatePolicy(ABC):
+    name: str
+
+    def __init__(
+        self, config: RunConfig, store: ParameterStore, membership: Membership, stats: ServerStats
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.membership = membership
+        self.stats = stats
+        membership.subscribe(lambda old, new: self.on_membership_change())
+
+    @abstractmethod
+    def submit(self, submission: Submission, timeout: float) -> PushResult:
+        """Apply (or queue and wait for) one validated gradient; raise to refuse it."""
+
+    def on_membership_change(self) -> None:
+        """Called when workers join or leave."""
+
+    def pending(self) -> list[str]:
+        """Workers whose pushes wait for a step (empty for policies that never wait)."""
+        return []
+
+    def close(self) -> None:
+        """Wake everything that waits: the server is stopping."""
+
+
+class SyncPolicy(UpdatePolicy):
+    name = "sync"
+
+    def __init__(
+        self, config: RunConfig, store: ParameterStore, membership: Membership, stats: ServerStats
+    ) -> None:
+        super().__init__(config, store, membership, stats)
+        self._cond = threading.Condition()
+        self._pending: dict[str, Submission] = {}
+        self._closed = False
+
+    def submit(self, submission: Submission, timeout: float) -> PushResult:
+        push = submission.push
+        worker = push.meta.worker_id
+        deadline = Deadline(timeout)
+        with self._cond:
+            step = self.store.version
+            if push.meta.base_version < step:
+                raise StalePush(
+                    f"step {step} is under way; this gradient was computed on version "
+                    f"{push.meta.base_version}: pull and compute again"
+                )
+            if worker in self._pending:
+                raise DuplicatePush(f"worker {worker} already pushed a gradient for step {step}")
+            self._pending[worker] = submission
+            self._try_step()
+            while self.store.version == step:
+                if self._closed:
+                    self._pending.pop(worker, None)
+                    raise ServerUnavailable("the server is stopping")
+                remaining = deadline.remaining()
+                if remaining == 0.0:
+                    # Withdraw the gradient: a refused push must leave no trace in a later step.
+                    self._pending.pop(worker, None)
+                    missing = sorted(set(self.membership.live()) - set(self._pending))
+                    raise ServerUnavailable(
+                        f"step {step} did not complete within {timeout:g}s; still waiting for "
+                        f"{missing}"
+                    )
+                self._cond.wait(min(remaining, BARRIER_TICK_S))
+                self._try_step()
+            version = self.store.version
+        return PushResult(version=version, staleness=0, finished=version >= self.store.steps)
+
+    def pending(self) -> list[str]:
+        with self._cond:
+            return sorted(self._pending)
+
+    def _try_step(self) -> None:
+        """With the lock held: take the step if every live worker has pushed."""
+        if not self._pending:
+            return
+        live = self.membership.live()
+        if any(worker not in self._pending for worker in live):
+            return
+        entries = sorted(self._pending.values(), key=lambda s: (s.rank, s.push.meta.worker_id))
+        mean = [g.clone() for g in entries[0].gradient]
+        for entry in entries[1:]:
+            for acc, g in zip(mean, entry.gradient):
+                acc.add_(g)
+        for acc in mean:
+            acc.div_(len(entries))
+        self.store.apply(mean)
+        for entry in entries:
+            self.stats.record_applied(entry.push, staleness=0)
+        self._pending.clear()
+        self._cond.notify_all()
+
+    def on_membership_change(self) -> None:
+        with self._cond:
+            self._try_step()
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class AsyncPolicy(UpdatePolicy):
+    name = "async"
+
+    def __init__(
+        self, config: RunConfig, store: ParameterStore, membership: Membership, stats: ServerStats
+    ) -> None:
+        super().__init__(config, store, membership, stats)
+        self._lock = threading.Lock()
+
+    def submit(self, submission: Submission, timeout: float) -> PushResult:
+        push = submission.push
+        with self._lock:
+            version = self.store.version
+            staleness = version - push.meta.base_version
+            if staleness > self.config.max_staleness:
+                raise StalePush(
+                    f"gradient computed on version {push.meta.base_version} is {staleness} "
+                    f"versions stale; this run refuses more than {self.config.max_staleness}"
+                )
+            new_version = self.store.apply(submission.gradient)
+            self.stats.record_applied(push, staleness=staleness)
+        return PushResult(
+            version=new_version, staleness=staleness, finished=new_version >= self.store.steps
+        )
+
+
+PolicyFactory = Callable[[RunConfig, ParameterStore, Membership, ServerStats], UpdatePolicy]
+_POLICIES: dict[str, PolicyFactory] = {"sync": SyncPolicy, "async": AsyncPolicy}
+
+
+def register_policy(name: str, factory: PolicyFactory) -> None:
+    _POLICIES[name] = factory
+
+
+def build_policy(
+    config: RunConfig, store: ParameterStore, membership: Membership, stats: ServerStats
+) -> UpdatePolicy:
+    return _POLICIES[config.mode](config, store, membership, stats)

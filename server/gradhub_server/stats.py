@@ -1,0 +1,151 @@
+"""Counters per worker and overall: pushes applied and refused, bytes, staleness.
+
+Refusals are errors as data: each is counted under its reason (the exception's
+name) and the server goes on. Pushes that arrive after the last step are counted
+apart (`pushes_after_finish`): they are the normal end of an async run, not faults.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from gradhub.domain import Push
+
+#: Window over which pushes per second are measured for progress reports.
+RATE_WINDOW_S = 5.0
+
+
+@dataclass
+class WorkerCounters:
+    pushes_applied: int = 0
+    pushes_refused: int = 0
+    pushes_after_finish: int = 0
+    refused_by_reason: Counter[str] = field(default_factory=Counter)
+    bytes_pushed: int = 0
+    bytes_pulled: int = 0
+    dense_bytes_equivalent: int = 0
+    staleness: Counter[int] = field(default_factory=Counter)
+    last_base_version: int = 0
+    last_loss: float = float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "pushes_applied": self.pushes_applied,
+            "pushes_refused": self.pushes_refused,
+            "pushes_after_finish": self.pushes_after_finish,
+            "refused_by_reason": dict(self.refused_by_reason),
+            "bytes_pushed": self.bytes_pushed,
+            "bytes_pulled": self.bytes_pulled,
+            "dense_bytes_equivalent": self.dense_bytes_equivalent,
+            "staleness": staleness_summary(self.staleness),
+            "last_base_version": self.last_base_version,
+        }
+
+
+def staleness_summary(histogram: Counter[int]) -> dict[str, Any]:
+    total = sum(histogram.values())
+    mean = sum(s * n for s, n in histogram.items()) / total if total else 0.0
+    return {
+        "mean": mean,
+        "max": max(histogram) if histogram else 0,
+        "histogram": {str(s): histogram[s] for s in sorted(histogram)},
+    }
+
+
+class ServerStats:
+    """Thread-safe; every servicer thread records here."""
+
+    def __init__(self, loss_smoothing: float = 0.05) -> None:
+        self._lock = threading.Lock()
+        self._workers: dict[str, WorkerCounters] = {}
+        self._applied_times: deque[float] = deque()
+        self._loss_ema: float | None = None
+        self._smoothing = loss_smoothing
+
+    def _worker(self, worker_id: str) -> WorkerCounters:
+        counters = self._workers.get(worker_id)
+        if counters is None:
+            counters = self._workers[worker_id] = WorkerCounters()
+        return counters
+
+    def record_applied(self, push: Push, staleness: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            w = self._worker(push.meta.worker_id)
+            w.pushes_applied += 1
+            w.bytes_pushed += push.wire_bytes
+            w.dense_bytes_equivalent += push.dense_bytes
+            w.staleness[staleness] += 1
+            w.last_base_version = push.meta.base_version
+            loss = push.meta.loss
+            if loss == loss:  # not NaN
+                w.last_loss = loss
+                self._loss_ema = (
+                    loss
+                    if self._loss_ema is None
+                    else (1 - self._smoothing) * self._loss_ema + self._smoothing * loss
+                )
+            self._applied_times.append(now)
+            while self._applied_times and self._applied_times[0] < now - RATE_WINDOW_S:
+                self._applied_times.popleft()
+
+    def record_refused(
+        self, worker_id: str, reason: str, wire_bytes: int, dense_bytes: int, after_finish: bool
+    ) -> None:
+        with self._lock:
+            w = self._worker(worker_id or "<unknown>")
+            w.bytes_pushed += wire_bytes
+            w.dense_bytes_equivalent += dense_bytes
+            if after_finish:
+                w.pushes_after_finish += 1
+            else:
+                w.pushes_refused += 1
+                w.refused_by_reason[reason] += 1
+
+    def record_pull(self, worker_id: str, wire_bytes: int) -> None:
+        with self._lock:
+            w = self._worker(worker_id or "<unknown>")
+            w.bytes_pulled += wire_bytes
+
+    @property
+    def train_loss(self) -> float | None:
+        with self._lock:
+            return self._loss_ema
+
+    def pushes_per_second(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            recent = [t for t in self._applied_times if t >= now - RATE_WINDOW_S]
+        if len(recent) < 2:
+            return 0.0
+        return (len(recent) - 1) / max(1e-9, recent[-1] - recent[0])
+
+    def totals(self) -> dict[str, Any]:
+        with self._lock:
+            workers = {k: v.as_dict() for k, v in sorted(self._workers.items())}
+            histogram: Counter[int] = Counter()
+            reasons: Counter[str] = Counter()
+            for counters in self._workers.values():
+                histogram.update(counters.staleness)
+                reasons.update(counters.refused_by_reason)
+            return {
+                "pushes_applied": sum(w.pushes_applied for w in self._workers.values()),
+                "pushes_refused": sum(w.pushes_refused for w in self._workers.values()),
+                "pushes_after_finish": sum(w.pushes_after_finish for w in self._workers.values()),
+                "refused_by_reason": dict(reasons),
+                "bytes_pushed": sum(w.bytes_pushed for w in self._workers.values()),
+                "bytes_pulled": sum(w.bytes_pulled for w in self._workers.values()),
+                "dense_bytes_equivalent": sum(
+                    w.dense_bytes_equivalent for w in self._workers.values()
+                ),
+                "staleness": staleness_summary(histogram),
+                "workers": workers,
+            }
+
+    def staleness_histograms(self) -> dict[str, dict[int, int]]:
+        with self._lock:
+            return {k: dict(v.staleness) for k, v in sorted(self._workers.items())}

@@ -1,0 +1,189 @@
+"""Whole clusters of real processes: Redis, a server and workers over real gRPC.
+
+Workers are killed with real SIGKILL; the launcher gets a real SIGINT. Every test
+checks that no process it started is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+import torch
+
+from gradhub.config import RunConfig
+from gradhub.coordination import RunCoordinator
+from gradhub.models import build_model
+from gradhub.v1 import parameter_server_pb2 as pb
+from gradhub.v1 import parameter_server_pb2_grpc as pb_grpc
+
+from conftest import REPO, Processes, small_config, wait_until
+
+pytestmark = pytest.mark.integration
+
+SUMMARY_KEYS = {
+    "mode", "workers", "steps", "model_parameters", "final_test_accuracy", "final_test_loss",
+    "wall_seconds", "pushes_applied", "pushes_refused", "bytes_pushed", "bytes_pulled",
+    "dense_bytes_equivalent", "staleness",
+}
+
+
+def processes_of(run_id: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if run_id in " ".join(proc.info["cmdline"] or []):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def gradhub(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gradhub_cli", *args]
+
+
+def server_status(address: str) -> pb.ServerStatus:
+    with grpc.insecure_channel(address) as channel:
+        return pb_grpc.ParameterServerStub(channel).GetStatus(pb.GetStatusRequest(), timeout=5)
+
+
+def start_cluster(processes: Processes, redis_url: str, config: RunConfig, out: Path, workers: int) -> None:
+    common = ["--redis-url", redis_url, "--run-id", config.run_id, "--torch-threads", "1"]
+    processes.module("server", "gradhub_server", *common, "--out", str(out), "--drain-timeout", "5")
+    for rank in range(workers):
+        processes.module(f"worker-{rank}", "gradhub_worker", *common, "--worker-id", f"worker-{rank}")
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_killed_in_sync_mode_leaves_the_barrier_within_its_lease(
+    processes: Processes, redis_url: str, coordinator: RunCoordinator, run_id: str, tmp_path: Path
+):
+    lease = 1.0
+    config = coordinator.publish_config(
+        small_config(run_id, steps=1500, lease_seconds=lease, eval_every=500, lr=0.05)
+    )
+    out = tmp_path / "run"
+    start_cluster(processes, redis_url, config, out, workers=2)
+    address = coordinator.wait_server(60)
+    wait_until(lambda: server_status(address).version >= 100, 60, "the run to reach version 100")
+    assert len(server_status(address).live_workers) == 2
+
+    victim = next(p for p in processes_of(run_id) if "worker-1" in " ".join(p.cmdline()))
+    victim.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    version_at_kill = server_status(address).version
+    wait_until(lambda: server_status(address).version >= version_at_kill + 5, 30,
+               "the barrier to move on without the killed worker")
+    moved_on_after = time.monotonic() - killed_at
+    # The lease expires within `lease`; the server sees it within lease/6 more.
+    assert moved_on_after < lease + 2.0, f"barrier stalled {moved_on_after:.2f}s after the kill"
+    assert list(server_status(address).live_workers) == ["worker-0"]
+
+    server = processes._procs[0][0]
+    assert server.wait(timeout=90) == 0, processes.log("server")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 1500
+    per_worker = summary["per_worker"]
+    assert per_worker["worker-1"]["pushes_applied"] < per_worker["worker-0"]["pushes_applied"]
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("worker-1" in e.get("left", []) for e in events if e["event"] == "membership")
+
+
+@pytest.mark.timeout(120)
+def test_gradhub_run_trains_reports_and_leaves_nothing_behind(tmp_path: Path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        gradhub("run", "--steps", "300", "--workers", "2", "--out", str(out), "--no-progress",
+                "--run-id", "cli-e2e-" + tmp_path.name[-8:], "--eval-every", "50"),
+        capture_output=True, text=True, timeout=110,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "test accuracy" in result.stdout and str(out) in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["status"] == "finished" and summary["steps"] == 300
+    assert summary["model_parameters"] == 5210
+    assert summary["pushes_applied"] == 600 and summary["pushes_refused"] == 0
+    # fp16 pushes: about half of what the same pushes would cost in dense fp32.
+    assert 1.8 < summary["dense_bytes_equivalent"] / summary["bytes_pushed"] < 2.0
+    assert summary["final_test_accuracy"] > 0.5  # 300 steps of 2 workers: well past chance (10%)
+    assert set(summary["staleness"]) >= {"mean", "max", "histogram"}
+    evals = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["version"] for e in evals if e["event"] == "eval"][:3] == [50, 100, 150]
+    for name in ("training.png", "staleness.png", "config.json"):
+        assert (out / name).stat().st_size > 0
+    model = build_model("cnn")
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    # The embedded Redis, the server and the workers are gone, and so is Redis's folder.
+    redis_line = next(line for line in result.stderr.splitlines() if "--redis-url" in line)
+    socket_path = redis_line.split("unix://", 1)[1].strip()
+    assert not Path(socket_path).parent.exists()
+    assert processes_of(summary["run_id"]) == []
+    assert [p for p in psutil.process_iter(["cmdline"]) if socket_path in " ".join(p.info["cmdline"] or [])] == []
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_stops_every_process_and_keeps_partial_results(
+    redis_url: str, coordinator: RunCoordinator, run_id: str, tmp_path: Path
+):
+    out = tmp_path / "run"
+    launcher = subprocess.Popen(
+        gradhub("run", "--steps", "100000", "--out", str(out), "--redis-url", redis_url,
+                "--run-id", run_id, "--no-progress"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_until(lambda: (coordinator.read_status() or {}).get("version", 0) >= 50, 60,
+                   "the run to make progress")
+        status = subprocess.run(gradhub("status", "--redis-url", redis_url, "--run-id", run_id),
+                                capture_output=True, text=True, timeout=30)
+        assert status.returncode == 0, status.stderr
+        assert f"run {run_id} (sync): running" in status.stdout
+        assert "live workers 2/2" in status.stdout
+        launcher.send_signal(signal.SIGINT)
+        _, stderr = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 130, stderr
+    assert "interrupted" in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 50 <= summary["steps"] < 100000
+    assert processes_of(run_id) == []
+    assert (coordinator.read_status() or {}).get("state") == "interrupted"
+
+
+@pytest.mark.timeout(150)
+def test_gradhub_run_restarts_a_killed_worker_and_finishes(
+    redis_url: str, coordinator: RunCoordinator, run_id: str, tmp_path: Path
+):
+    out = tmp_path / "run"
+    launcher = subprocess.Popen(
+        gradhub("run", "--steps", "1200", "--out", str(out), "--redis-url", redis_url,
+                "--run-id", run_id, "--no-progress", "--lease-seconds", "1"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_until(lambda: (coordinator.read_status() or {}).get("version", 0) >= 100, 60,
+                   "the run to make progress")
+        victim = next(p for p in processes_of(run_id) if "gradhub_worker" in " ".join(p.cmdline()))
+        victim.send_signal(signal.SIGKILL)
+        stdout, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, stderr
+    assert "exited with code -9; restarting (1/2)" in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 1200
+    assert len(summary["per_worker"]) == 3  # two originals and the replacement
+    assert processes_of(run_id) == []

@@ -1,0 +1,88 @@
+"""Coordination through a real Redis server: config once, ranks, leases, status."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pytest
+
+from gradhub.config import RunConfig
+from gradhub.coordination import RunCoordinator, connect, list_runs
+from gradhub.errors import ConfigConflict, NoFreeRank, RedisUnavailable
+from gradhub.redis_server import EmbeddedRedis
+
+from conftest import wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
+
+
+def test_config_is_written_once_and_read_by_everyone(coordinator: RunCoordinator, run_id: str, redis_url: str):
+    config = RunConfig(run_id=run_id, mode="async", workers=3)
+    assert coordinator.read_config() is None
+    assert coordinator.publish_config(config) == config
+    # A second writer with the same values is fine; another process reads the same thing.
+    assert coordinator.publish_config(config) == config
+    assert RunCoordinator(connect(redis_url), run_id).wait_config(1.0) == config
+    with pytest.raises(ConfigConflict, match=r"workers: 3 -> 4"):
+        coordinator.publish_config(replace(config, workers=4))
+    assert run_id in list_runs(coordinator.client)
+
+
+def test_ranks_are_distinct_and_bounded_by_world_size(coordinator: RunCoordinator):
+    leases = [coordinator.try_register(f"w{i}", 3, lease_seconds=30) for i in range(3)]
+    assert sorted(lease.rank for lease in leases if lease) == [0, 1, 2]
+    assert len({lease.token for lease in leases if lease}) == 3
+    assert coordinator.try_register("w3", 3, lease_seconds=30) is None
+    with pytest.raises(NoFreeRank):
+        coordinator.register("w3", 3, lease_seconds=30, timeout=0.3)
+    assert coordinator.live_workers(3) == {"w0": 0, "w1": 1, "w2": 2}
+
+
+def test_a_lease_that_is_not_renewed_expires_and_frees_its_rank(coordinator: RunCoordinator):
+    dead = coordinator.try_register("dead", 1, lease_seconds=0.3)
+    assert dead is not None and dead.rank == 0
+    started = time.monotonic()
+    lease = coordinator.register("newcomer", 1, lease_seconds=30, timeout=5)
+    assert lease.rank == 0 and lease.token > dead.token
+    assert time.monotonic() - started < 2.0
+    # The dead worker cannot renew or release the newcomer's lease.
+    assert not coordinator.renew(dead, 30)
+    coordinator.release(dead)
+    assert coordinator.live_workers(1) == {"newcomer": 0}
+
+
+def test_renewal_keeps_a_lease_alive_past_its_length(coordinator: RunCoordinator):
+    lease = coordinator.try_register("alive", 1, lease_seconds=0.4)
+    assert lease is not None
+    deadline = time.monotonic() + 1.2
+    while time.monotonic() < deadline:  # renew every 0.1 s for three lease lengths
+        assert coordinator.renew(lease, 0.4)
+        time.sleep(0.1)
+    assert coordinator.live_workers(1) == {"alive": 0}
+    coordinator.release(lease)
+    assert coordinator.live_workers(1) == {}
+
+
+def test_status_round_trip(coordinator: RunCoordinator):
+    coordinator.write_status({"version": 5, "state": "running"})
+    assert coordinator.read_status() == {"version": 5, "state": "running"}
+
+
+def test_a_dead_redis_is_a_clear_error_not_a_hang():
+    server = EmbeddedRedis().start()
+    coordinator = RunCoordinator(connect(server.url, timeout=1.0), "r")
+    coordinator.ping()
+    server.stop()
+    started = time.monotonic()
+    with pytest.raises(RedisUnavailable, match="Redis unavailable while trying to read the run config"):
+        coordinator.read_config()
+    assert time.monotonic() - started < 5
+
+
+def test_embedded_redis_cleans_up_its_folder():
+    server = EmbeddedRedis().start()
+    folder = server.socket_path.parent
+    assert folder.exists()
+    server.stop()
+    wait_until(lambda: not folder.exists(), 5, "the Redis folder to be removed")

@@ -1,0 +1,41 @@
+"""The default runs train for real: what a user gets from `gradhub run` with no tuning.
+
+These run the README's commands at their default length (tens of seconds each) and
+check the accuracy users rely on. Wall time is reported in the README, not asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def run_default(out: Path, *args: str) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-m", "gradhub_cli", "run", "--out", str(out), "--no-progress", *args],
+        capture_output=True, text=True, timeout=280,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_default_sync_run_with_two_workers_reaches_92_percent(tmp_path: Path):
+    summary = run_default(tmp_path / "sync", "--mode", "sync", "--workers", "2")
+    assert summary["steps"] == 3000 and summary["pushes_refused"] == 0
+    assert summary["final_test_accuracy"] >= 0.92, summary
+    assert summary["staleness"]["max"] == 0
+
+
+def test_default_async_run_with_three_workers_reaches_92_percent_with_real_staleness(tmp_path: Path):
+    summary = run_default(tmp_path / "async", "--mode", "async", "--workers", "3")
+    assert summary["steps"] == 6000
+    assert summary["final_test_accuracy"] >= 0.92, summary
+    assert summary["staleness"]["max"] >= 1
+    assert summary["staleness"]["mean"] > 0
+    assert sum(summary["staleness"]["histogram"].values()) == summary["pushes_applied"]

@@ -1,0 +1,107 @@
+"""Round trips through the wire format, chunking, and the structural checks of readers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gradhub import wire
+from gradhub.codecs import Float16Codec, Float32Codec, TopKCodec
+from gradhub.domain import ParameterSnapshot, PushMeta
+from gradhub.encoded import EncodedTensor, Layout, dense
+from gradhub.errors import InvalidRequest, PayloadTooLarge
+
+pytestmark = pytest.mark.timeout(60)
+
+LIMITS = wire.WireLimits(max_payload_bytes=1 << 28)
+META = PushMeta(run_id="r", worker_id="w", seq=1, base_version=4, loss=0.25, samples=50)
+
+
+def assert_same(a: EncodedTensor, b: EncodedTensor) -> None:
+    assert (a.name, a.shape, a.layout) == (b.name, b.shape, b.layout)
+    assert a.values.dtype == b.values.dtype and torch.equal(a.values, b.values)
+    if a.indices is None:
+        assert b.indices is None
+    else:
+        assert b.indices is not None and torch.equal(a.indices, b.indices)
+
+
+shapes = st.lists(st.integers(0, 6), min_size=0, max_size=3).map(tuple)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shapes=st.lists(shapes, min_size=1, max_size=5),
+    codec=st.sampled_from([Float32Codec(), Float16Codec(), TopKCodec(0.3), TopKCodec(1.0)]),
+    chunk=st.integers(1, 64),
+    seed=st.integers(0, 2**16),
+)
+def test_push_round_trip_any_shapes_codecs_and_chunk_sizes(shapes, codec, chunk, seed):
+    generator = torch.Generator().manual_seed(seed)
+    tensors = [codec.encode(f"t{i}", torch.randn(s, generator=generator)) for i, s in enumerate(shapes)]
+    messages = list(wire.push_requests(META, tensors, chunk_bytes=chunk))
+    assert all(len(m.data) <= chunk for m in messages)
+    assert messages[0].HasField("header") and not any(m.HasField("header") for m in messages[1:])
+    push = wire.read_push(messages, wire.WireLimits(max_payload_bytes=1 << 20, max_chunk_bytes=chunk))
+    assert push.meta == META
+    assert push.wire_bytes == sum(m.ByteSize() for m in messages)
+    for a, b in zip(tensors, push.tensors):
+        assert_same(a, b)
+
+
+def test_large_tensor_streams_in_chunks_of_at_most_one_mib():
+    big = dense("big", torch.randn(3_000_000))  # 12 MB
+    messages = list(wire.push_requests(META, [big]))
+    assert len(messages) == 12
+    assert max(len(m.data) for m in messages) == wire.CHUNK_BYTES
+    # Every message stays far below gRPC's default 4 MiB limit: no limit needs raising.
+    assert max(m.ByteSize() for m in messages) < 2 * wire.CHUNK_BYTES
+    push = wire.read_push(messages, LIMITS)
+    assert torch.equal(push.tensors[0].values, big.values)
+
+
+def test_pull_round_trip_keeps_version_and_finished_flag():
+    snapshot = ParameterSnapshot(
+        version=17, finished=True,
+        tensors=(dense("a", torch.randn(4, 5)), dense("b", torch.randn(3), torch.float16)),
+    )
+    read = wire.read_pull(wire.pull_responses(snapshot, chunk_bytes=16), LIMITS)
+    assert (read.version, read.finished) == (17, True)
+    for a, b in zip(snapshot.tensors, read.tensors):
+        assert_same(a, b)
+
+
+def test_declared_payload_over_the_limit_is_refused_before_allocation():
+    tensors = [dense("a", torch.randn(1000))]
+    messages = list(wire.push_requests(META, tensors))
+    with pytest.raises(PayloadTooLarge, match="accepts at most 100"):
+        wire.read_push(messages, wire.WireLimits(max_payload_bytes=100))
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda h: setattr(h.tensors[0], "dtype", 99), "unknown or unspecified dtype"),
+        (lambda h: setattr(h.tensors[0], "dtype", 4), "values must be float32"),
+        (lambda h: setattr(h.tensors[0], "layout", 0), "unknown or unspecified layout"),
+        (lambda h: setattr(h, "payload_bytes", h.payload_bytes + 1), "payload_bytes is"),
+        (lambda h: h.tensors[0].shape.append(-1), "bad shape"),
+        (lambda h: setattr(h, "seq", 0), "start at 1"),
+        (lambda h: setattr(h, "worker_id", ""), "name its run and worker"),
+    ],
+)
+def test_inconsistent_headers_are_refused(mutate, message):
+    messages = list(wire.push_requests(META, [dense("a", torch.randn(10))]))
+    mutate(messages[0].header)
+    with pytest.raises(InvalidRequest, match=message):
+        wire.read_push(messages, LIMITS)
+
+
+def test_sparse_nnz_beyond_numel_is_refused():
+    sparse = EncodedTensor("s", (2,), Layout.SPARSE, torch.ones(3, dtype=torch.float16),
+                           torch.tensor([0, 1, 1], dtype=torch.int32))
+    messages = list(wire.push_requests(META, [sparse]))
+    with pytest.raises(InvalidRequest, match="nnz 3 exceeds"):
+        wire.read_push(messages, LIMITS)

@@ -1,0 +1,69 @@
+"""The worker's side of the wire: push and pull as domain calls, failures as domain errors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import torch
+
+from gradhub import wire
+from gradhub.domain import ParameterSnapshot, PushMeta, PushResult
+from gradhub.encoded import EncodedTensor
+from gradhub.errors import GradhubError, ServerUnavailable, error_for_status
+from gradhub.v1 import parameter_server_pb2 as pb
+from gradhub.v1 import parameter_server_pb2_grpc as pb_grpc
+
+#: Keepalive pings notice a server whose machine vanished without closing the connection.
+CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.enable_retries", 0),  # retries are ours: a push must never be replayed blindly
+)
+
+
+def _domain_error(exc: grpc.RpcError) -> GradhubError:
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return error_for_status(code, details or code.name)
+
+
+class ParameterClient:
+    def __init__(self, address: str, run_id: str, worker_id: str, max_payload_bytes: int) -> None:
+        self.address = address
+        self.run_id = run_id
+        self.worker_id = worker_id
+        self._limits = wire.WireLimits(max_payload_bytes=max_payload_bytes)
+        self._channel = grpc.insecure_channel(address, options=list(CHANNEL_OPTIONS))
+        self._stub = pb_grpc.ParameterServerStub(self._channel)
+
+    def wait_ready(self, timeout: float) -> None:
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError as exc:
+            raise ServerUnavailable(f"server {self.address} not reachable within {timeout:g}s") from exc
+
+    def push(self, meta: PushMeta, tensors: Sequence[EncodedTensor], timeout: float) -> PushResult:
+        try:
+            reply = self._stub.Push(wire.push_requests(meta, tensors), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _domain_error(exc) from exc
+        return wire.push_result(reply)
+
+    def pull(self, min_version: int, timeout: float, dtype: torch.dtype = torch.float32) -> ParameterSnapshot:
+        request = wire.pull_request(self.run_id, self.worker_id, min_version, dtype)
+        try:
+            return wire.read_pull(self._stub.Pull(request, timeout=timeout), self._limits)
+        except grpc.RpcError as exc:
+            raise _domain_error(exc) from exc
+
+    def status(self, timeout: float) -> pb.ServerStatus:
+        try:
+            return self._stub.GetStatus(pb.GetStatusRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _domain_error(exc) from exc
+
+    def close(self) -> None:
+        self._channel.close()

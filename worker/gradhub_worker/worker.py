@@ -1,0 +1,265 @@
+"""The worker process: register, pull, train on its shard, push, until the run finishes.
+
+A worker never hangs on a dead peer: every call has a deadline, failures are
+retried with backoff, and after `give_up_after` seconds without a successful
+exchange with the server the worker exits with an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from gradhub.codecs import codec_from_name
+from gradhub.config import RunConfig
+from gradhub.coordination import Lease, RunCoordinator
+from gradhub.data import load_dataset, shard_indices
+from gradhub.domain import ParameterSnapshot, PushMeta, PushResult
+from gradhub.errors import (
+    DuplicatePush,
+    InvalidRequest,
+    NonFiniteGradient,
+    RunFinished,
+    ServerUnavailable,
+    StalePush,
+    UnknownWorker,
+    VersionNotReached,
+)
+from gradhub.models import build_model, count_parameters
+from gradhub.retry import Backoff
+from gradhub_worker.client import ParameterClient
+from gradhub_worker.error_feedback import ErrorFeedback
+from gradhub_worker.lease import LeaseKeeper
+
+log = logging.getLogger(__name__)
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    redis_url: str
+    run_id: str
+    worker_id: str
+    #: Server address; when None it is read from Redis.
+    server: str | None = None
+    device: str = "auto"
+    loader_workers: int = 0
+    cache_dir: Path | None = None
+    #: How long to wait for the run's config, the server's address, and a free rank.
+    join_timeout: float = 60.0
+    #: Deadline of one push (a sync push waits for the whole barrier) or pull.
+    rpc_timeout: float = 60.0
+    #: Exit with an error after this long without a successful exchange with the server.
+    give_up_after: float = 60.0
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ServerUnavailable(f"device {name} requested but CUDA is not available")
+    return device
+
+
+class ShardBatches:
+    """Endless shuffled batches of one rank's shard; each epoch reshuffles (seeded)."""
+
+    def __init__(
+        self, config: RunConfig, rank: int, device: torch.device, loader_workers: int,
+        cache_dir: Path | None,
+    ) -> None:
+        splits = load_dataset(config.dataset, cache_dir)
+        indices = shard_indices(len(splits.y_train), rank, config.workers)
+        dataset = TensorDataset(splits.x_train[indices], splits.y_train[indices])
+        generator = torch.Generator().manual_seed(config.seed * 7919 + rank)
+        self._loader = DataLoader(
+            dataset,
+            batch_size=min(config.batch_size, len(dataset)),
+            shuffle=True,
+            drop_last=True,
+            num_workers=loader_workers,
+            generator=generator,
+            persistent_workers=loader_workers > 0,
+            pin_memory=device.type == "cuda",
+        )
+        self._device = device
+        self._iterator: Iterator[list[torch.Tensor]] = iter(self._loader)
+        self.size = len(dataset)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            x, y = next(self._iterator)
+        except StopIteration:
+            self._iterator = iter(self._loader)
+            x, y = next(self._iterator)
+        non_blocking = self._device.type == "cuda"
+        return x.to(self._device, non_blocking=non_blocking), y.to(self._device, non_blocking=non_blocking)
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, coordinator: RunCoordinator | None = None) -> None:
+        self.settings = settings
+        self.coordinator = coordinator or RunCoordinator.from_url(settings.redis_url, settings.run_id)
+        self.pushes_applied = 0
+        self.pushes_refused = 0
+
+    def run(self) -> int:
+        s = self.settings
+        config = self.coordinator.wait_config(s.join_timeout)
+        device = pick_device(s.device)
+        torch.manual_seed(config.seed)
+        model = build_model(config.model, config.model_kwargs).to(device)
+        lease = self.coordinator.register(s.worker_id, config.workers, config.lease_seconds, s.join_timeout)
+        keeper = LeaseKeeper(self.coordinator, lease, config.lease_seconds)
+        keeper.start()
+        client: ParameterClient | None = None
+        try:
+            address = s.server or self.coordinator.wait_server(s.join_timeout)
+            log.info("worker %s: rank %d of %d, server %s, device %s",
+                     s.worker_id, lease.rank, config.workers, address, device)
+            client = ParameterClient(
+                address, config.run_id, s.worker_id,
+                max_payload_bytes=12 * count_parameters(model) + (1 << 16),
+            )
+            client.wait_ready(s.join_timeout)
+            return self._train(config, model, device, client, keeper)
+        finally:
+            keeper.stop()
+            try:
+                self.coordinator.release(keeper.lease)
+            except Exception as exc:  # leaving is best effort: the lease expires anyway
+                log.warning("could not release lease: %s", exc)
+            if client is not None:
+                client.close()
+
+    def _train(
+        self, config: RunConfig, model: nn.Module, device: torch.device, client: ParameterClient,
+        keeper: LeaseKeeper,
+    ) -> int:
+        s = self.settings
+        batches = ShardBatches(config, keeper.lease.rank, device, s.loader_workers, s.cache_dir)
+        feedback = ErrorFeedback(codec_from_name(config.compression))
+        named = list(model.named_parameters())
+        sync = config.mode == "sync"
+        seq = 0
+        snapshot = self._pull(client, 0)
+        started = time.monotonic()
+        last_log = started
+        while not snapshot.finished:
+            if keeper.lost.is_set():
+                keeper.replace(self._reregister(config, keeper.lease))
+            self._load(named, snapshot)
+            x, y = batches.next()
+            model.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            gradients = [(name, p.grad if p.grad is not None else torch.zeros_like(p)) for name, p in named]
+            encoded = feedback.encode(gradients)
+            seq += 1
+            meta = PushMeta(
+                run_id=config.run_id, worker_id=s.worker_id, seq=seq,
+                base_version=snapshot.version, loss=float(loss), samples=int(y.numel()),
+            )
+            result = self._push(client, meta, encoded, feedback, keeper, config)
+            if result is not None and result.finished:
+                break
+            min_version = result.version if (sync and result is not None) else 0
+            snapshot = self._pull(client, min_version)
+            now = time.monotonic()
+            if now - last_log > 10:
+                last_log = now
+                log.info("version %d: %d pushes applied, %d refused, loss %.4f",
+                         snapshot.version, self.pushes_applied, self.pushes_refused, float(loss))
+        log.info("run finished: %d pushes applied, %d refused in %.1fs",
+                 self.pushes_applied, self.pushes_refused, time.monotonic() - started)
+        return 0
+
+    def _load(self, named: list[tuple[str, nn.Parameter]], snapshot: ParameterSnapshot) -> None:
+        with torch.no_grad():
+            for (name, param), tensor in zip(named, snapshot.tensors):
+                if tensor.name != name or tensor.shape != tuple(param.shape):
+                    raise InvalidRequest(
+                        f"server sent {tensor.name!r} {list(tensor.shape)} for {name!r} "
+                        f"{list(param.shape)}: server and worker run different models"
+                    )
+                param.copy_(tensor.values.view(tensor.shape), non_blocking=True)
+
+    def _push(
+        self, client: ParameterClient, meta: PushMeta, encoded: list, feedback: ErrorFeedback,
+        keeper: LeaseKeeper, config: RunConfig,
+    ) -> PushResult | None:
+        """Push once; a refused push goes back to the residual. None: pull and go on."""
+        try:
+            result = client.push(meta, encoded, self.settings.rpc_timeout)
+        except RunFinished:
+            return RUN_FINISHED
+        except DuplicatePush:
+            return None  # already taken: nothing to give back
+        except StalePush as exc:
+            log.debug("stale push: %s", exc)
+            feedback.restore(encoded)
+            self.pushes_refused += 1
+            return None
+        except UnknownWorker as exc:
+            log.warning("%s", exc)
+            feedback.restore(encoded)
+            keeper.replace(self._reregister(config, keeper.lease))
+            return None
+        except NonFiniteGradient as exc:
+            log.error("gradient dropped: %s", exc)
+            self.pushes_refused += 1
+            return None
+        except (ServerUnavailable, VersionNotReached) as exc:
+            log.warning("push failed (%s); pulling again", exc)
+            feedback.restore(encoded)
+            self.pushes_refused += 1
+            return None
+        self.pushes_applied += 1
+        return result
+
+    def _pull(self, client: ParameterClient, min_version: int) -> ParameterSnapshot:
+        """Pull, retrying with backoff; give up after `give_up_after` seconds of failures."""
+        backoff = Backoff(initial=0.05, maximum=2.0)
+        first_failure: float | None = None
+        while True:
+            try:
+                return client.pull(min_version, self.settings.rpc_timeout)
+            except (ServerUnavailable, VersionNotReached) as exc:
+                now = time.monotonic()
+                first_failure = first_failure or now
+                if now - first_failure > self.settings.give_up_after:
+                    raise ServerUnavailable(
+                        f"no answer from server {client.address} for {now - first_failure:.0f}s: {exc}"
+                    ) from exc
+                delay = backoff.next_delay()
+                log.warning("pull failed (%s); retrying in %.2fs", exc, delay)
+                time.sleep(delay)
+
+    def _reregister(self, config: RunConfig, old: Lease) -> Lease:
+        try:
+            self.coordinator.release(old)
+        except Exception:
+            pass
+        lease = self.coordinator.register(
+            self.settings.worker_id, config.workers, config.lease_seconds, self.settings.join_timeout
+        )
+        log.info("re-registered with rank %d (was %d)", lease.rank, old.rank)
+        return lease
+
+
+#: Marker returned by `_push` when the server says the run is over.
+RUN_FINISHED = PushResult(version=-1, staleness=0, finished=True)
