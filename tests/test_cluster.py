@@ -187,3 +187,27 @@ def test_gradhub_run_restarts_a_killed_worker_and_finishes(
     assert summary["status"] == "finished" and summary["steps"] == 1200
     assert len(summary["per_worker"]) == 3  # two originals and the replacement
     assert processes_of(run_id) == []
+
+
+@pytest.mark.timeout(120)
+def test_a_server_that_dies_for_good_stops_the_whole_run(
+    redis_url: str, coordinator: RunCoordinator, run_id: str, tmp_path: Path
+):
+    launcher = subprocess.Popen(
+        gradhub("run", "--steps", "100000", "--out", str(tmp_path / "run"), "--redis-url", redis_url,
+                "--run-id", run_id, "--no-progress"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_until(lambda: (coordinator.read_status() or {}).get("version", 0) >= 20, 60,
+                   "the run to make progress")
+        server = next(p for p in processes_of(run_id) if "gradhub_server" in " ".join(p.cmdline()))
+        server.send_signal(signal.SIGKILL)
+        _, stderr = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 1
+    assert "the server exited with code -9" in stderr
+    assert "serving run" in stderr  # the tail of the server's log is shown
+    assert processes_of(run_id) == []

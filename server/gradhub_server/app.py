@@ -158,7 +158,7 @@ class ServerApp:
         self._state = "interrupted" if interrupted else "finishing"
         final = self.evaluator.evaluate_now()
         totals = self.stats.totals()
-        wall = time.monotonic() - self._started
+        wall = self.core.wall_seconds()
         record = summary(
             self.config, "interrupted" if interrupted else "finished", self.store.version,
             self.model_parameters, _eval_dict(final), wall, totals,

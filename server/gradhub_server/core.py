@@ -124,6 +124,10 @@ class ParameterServerCore:
         self.policy.close()
         self.store.close()
 
+    def wall_seconds(self) -> float:
+        """Seconds since serving started, frozen when the run reaches its last step."""
+        return (self.store.finished_at or time.monotonic()) - self.started
+
     def status(self) -> dict[str, Any]:
         version = self.store.version
         live = self.membership.live()
@@ -153,5 +157,5 @@ class ParameterServerCore:
             "train_loss": self.stats.train_loss,
             "staleness_mean": totals["staleness"]["mean"],
             "staleness_max": totals["staleness"]["max"],
-            "wall_seconds": round(time.monotonic() - self.started, 3),
+            "wall_seconds": round(self.wall_seconds(), 3),
         }

@@ -136,7 +136,7 @@ class SyncPolicy(UpdatePolicy):
             acc.div_(len(entries))
         self.store.apply(mean)
         for entry in entries:
-            self.stats.record_applied(entry.push, staleness=0)
+            self.stats.record_applied(entry.push, staleness=0, rank=entry.rank)
         self._pending.clear()
         self._cond.notify_all()
 
@@ -171,7 +171,7 @@ class AsyncPolicy(UpdatePolicy):
                     f"versions stale; this run refuses more than {self.config.max_staleness}"
                 )
             new_version = self.store.apply(submission.gradient)
-            self.stats.record_applied(push, staleness=staleness)
+            self.stats.record_applied(push, staleness=staleness, rank=submission.rank)
         return PushResult(
             version=new_version, staleness=staleness, finished=new_version >= self.store.steps
         )

@@ -21,6 +21,7 @@ RATE_WINDOW_S = 5.0
 
 @dataclass
 class WorkerCounters:
+    rank: int | None = None
     pushes_applied: int = 0
     pushes_refused: int = 0
     pushes_after_finish: int = 0
@@ -34,6 +35,7 @@ class WorkerCounters:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "rank": self.rank,
             "pushes_applied": self.pushes_applied,
             "pushes_refused": self.pushes_refused,
             "pushes_after_finish": self.pushes_after_finish,
@@ -72,10 +74,11 @@ class ServerStats:
             counters = self._workers[worker_id] = WorkerCounters()
         return counters
 
-    def record_applied(self, push: Push, staleness: int) -> None:
+    def record_applied(self, push: Push, staleness: int, rank: int) -> None:
         now = time.monotonic()
         with self._lock:
             w = self._worker(push.meta.worker_id)
+            w.rank = rank
             w.pushes_applied += 1
             w.bytes_pushed += push.wire_bytes
             w.dense_bytes_equivalent += push.dense_bytes
@@ -147,5 +150,13 @@ class ServerStats:
             }
 
     def staleness_histograms(self) -> dict[str, dict[int, int]]:
+        """Per worker, labelled "rank R: worker-id", in rank order."""
         with self._lock:
-            return {k: dict(v.staleness) for k, v in sorted(self._workers.items())}
+            ordered = sorted(
+                self._workers.items(), key=lambda kv: (kv[1].rank is None, kv[1].rank or 0, kv[0])
+            )
+            return {
+                (f"rank {v.rank}: {k}" if v.rank is not None else k): dict(v.staleness)
+                for k, v in ordered
+                if v.staleness
+            }

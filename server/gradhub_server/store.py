@@ -9,6 +9,7 @@ never reaches the parameters. Pullers get immutable snapshots, built once per
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 
 import torch
@@ -51,6 +52,8 @@ class ParameterStore:
         self._changed = threading.Condition(self._lock)
         self._snapshots: dict[torch.dtype, ParameterSnapshot] = {}
         self._closed = False
+        #: time.monotonic() of the update that reached the last step.
+        self.finished_at: float | None = None
 
     # --- reading --------------------------------------------------------------------------
 
@@ -134,6 +137,8 @@ class ParameterStore:
             for _, param in self._named:
                 param.grad = None
             self._version += 1
+            if self._version >= self.steps:
+                self.finished_at = time.monotonic()
             self._snapshots.clear()
             self._changed.notify_all()
             return self._version
