@@ -9,6 +9,7 @@ import grpc
 import pytest
 import torch
 
+from conftest import random_gradient, small_config
 from gradhub import wire
 from gradhub.codecs import Float32Codec
 from gradhub.domain import PushMeta
@@ -16,8 +17,6 @@ from gradhub.encoded import EncodedTensor, Layout, dense
 from gradhub.models import build_model
 from gradhub.v1 import parameter_server_pb2 as pb
 from gradhub.v1 import parameter_server_pb2_grpc as pb_grpc
-
-from conftest import random_gradient, small_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

@@ -7,11 +7,12 @@ checks that no process it started is left behind.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -19,13 +20,12 @@ import psutil
 import pytest
 import torch
 
+from conftest import Processes, small_config, wait_until
 from gradhub.config import RunConfig
 from gradhub.coordination import RunCoordinator
 from gradhub.models import build_model
 from gradhub.v1 import parameter_server_pb2 as pb
 from gradhub.v1 import parameter_server_pb2_grpc as pb_grpc
-
-from conftest import REPO, Processes, small_config, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -49,6 +49,28 @@ def processes_of(run_id: str) -> list[psutil.Process]:
 
 def gradhub(*args: str) -> list[str]:
     return [sys.executable, "-m", "gradhub_cli", *args]
+
+
+@contextmanager
+def launched(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """`gradhub run ARGS` in the background; killed at the end if still running."""
+    launcher = subprocess.Popen(gradhub("run", "--no-progress", *args),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield launcher
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate()
+
+
+def wait_for_version(coordinator: RunCoordinator, version: int) -> None:
+    wait_until(lambda: (coordinator.read_status() or {}).get("version", 0) >= version, 60,
+               f"the run to reach version {version}")
+
+
+def process_running(run_id: str, module: str) -> psutil.Process:
+    return next(p for p in processes_of(run_id) if module in " ".join(p.cmdline()))
 
 
 def server_status(address: str) -> pb.ServerStatus:
@@ -77,8 +99,7 @@ def test_a_worker_killed_in_sync_mode_leaves_the_barrier_within_its_lease(
     wait_until(lambda: server_status(address).version >= 100, 60, "the run to reach version 100")
     assert len(server_status(address).live_workers) == 2
 
-    victim = next(p for p in processes_of(run_id) if "worker-1" in " ".join(p.cmdline()))
-    victim.send_signal(signal.SIGKILL)
+    process_running(run_id, "worker-1").send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     version_at_kill = server_status(address).version
     wait_until(lambda: server_status(address).version >= version_at_kill + 5, 30,
@@ -109,7 +130,7 @@ def test_gradhub_run_trains_reports_and_leaves_nothing_behind(tmp_path: Path):
     assert result.returncode == 0, result.stderr
     assert "test accuracy" in result.stdout and str(out) in result.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert SUMMARY_KEYS <= set(summary)
+    assert set(summary) >= SUMMARY_KEYS
     assert summary["status"] == "finished" and summary["steps"] == 300
     assert summary["model_parameters"] == 5210
     assert summary["pushes_applied"] == 600 and summary["pushes_refused"] == 0
@@ -117,7 +138,7 @@ def test_gradhub_run_trains_reports_and_leaves_nothing_behind(tmp_path: Path):
     assert 1.8 < summary["dense_bytes_equivalent"] / summary["bytes_pushed"] < 2.0
     assert summary["final_test_accuracy"] > 0.5  # 300 steps of 2 workers: well past chance (10%)
     assert set(summary["staleness"]) >= {"mean", "max", "histogram"}
-    evals = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["version"] for e in evals if e["event"] == "eval"][:3] == [50, 100, 150]
     for name in ("training.png", "staleness.png", "config.json"):
         assert (out / name).stat().st_size > 0
@@ -136,14 +157,9 @@ def test_ctrl_c_stops_every_process_and_keeps_partial_results(
     redis_url: str, coordinator: RunCoordinator, run_id: str, tmp_path: Path
 ):
     out = tmp_path / "run"
-    launcher = subprocess.Popen(
-        gradhub("run", "--steps", "100000", "--out", str(out), "--redis-url", redis_url,
-                "--run-id", run_id, "--no-progress"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        wait_until(lambda: (coordinator.read_status() or {}).get("version", 0) >= 50, 60,
-                   "the run to make progress")
+    with launched("--steps", "100000", "--out", str(out), "--redis-url", redis_url,
+                  "--run-id", run_id) as launcher:
+        wait_for_version(coordinator, 50)
         status = subprocess.run(gradhub("status", "--redis-url", redis_url, "--run-id", run_id),
                                 capture_output=True, text=True, timeout=30)
         assert status.returncode == 0, status.stderr
@@ -151,9 +167,6 @@ def test_ctrl_c_stops_every_process_and_keeps_partial_results(
         assert "live workers 2/2" in status.stdout
         launcher.send_signal(signal.SIGINT)
         _, stderr = launcher.communicate(timeout=60)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
     assert launcher.returncode == 130, stderr
     assert "interrupted" in stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -167,20 +180,11 @@ def test_gradhub_run_restarts_a_killed_worker_and_finishes(
     redis_url: str, coordinator: RunCoordinator, run_id: str, tmp_path: Path
 ):
     out = tmp_path / "run"
-    launcher = subprocess.Popen(
-        gradhub("run", "--steps", "1200", "--out", str(out), "--redis-url", redis_url,
-                "--run-id", run_id, "--no-progress", "--lease-seconds", "1"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        wait_until(lambda: (coordinator.read_status() or {}).get("version", 0) >= 100, 60,
-                   "the run to make progress")
-        victim = next(p for p in processes_of(run_id) if "gradhub_worker" in " ".join(p.cmdline()))
-        victim.send_signal(signal.SIGKILL)
-        stdout, stderr = launcher.communicate(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
+    with launched("--steps", "1200", "--out", str(out), "--redis-url", redis_url,
+                  "--run-id", run_id, "--lease-seconds", "1") as launcher:
+        wait_for_version(coordinator, 100)
+        process_running(run_id, "gradhub_worker").send_signal(signal.SIGKILL)
+        _, stderr = launcher.communicate(timeout=120)
     assert launcher.returncode == 0, stderr
     assert "exited with code -9; restarting (1/2)" in stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -193,20 +197,11 @@ def test_gradhub_run_restarts_a_killed_worker_and_finishes(
 def test_a_server_that_dies_for_good_stops_the_whole_run(
     redis_url: str, coordinator: RunCoordinator, run_id: str, tmp_path: Path
 ):
-    launcher = subprocess.Popen(
-        gradhub("run", "--steps", "100000", "--out", str(tmp_path / "run"), "--redis-url", redis_url,
-                "--run-id", run_id, "--no-progress"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        wait_until(lambda: (coordinator.read_status() or {}).get("version", 0) >= 20, 60,
-                   "the run to make progress")
-        server = next(p for p in processes_of(run_id) if "gradhub_server" in " ".join(p.cmdline()))
-        server.send_signal(signal.SIGKILL)
+    with launched("--steps", "100000", "--out", str(tmp_path / "run"), "--redis-url", redis_url,
+                  "--run-id", run_id) as launcher:
+        wait_for_version(coordinator, 20)
+        process_running(run_id, "gradhub_server").send_signal(signal.SIGKILL)
         _, stderr = launcher.communicate(timeout=60)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
     assert launcher.returncode == 1
     assert "the server exited with code -9" in stderr
     assert "serving run" in stderr  # the tail of the server's log is shown

@@ -7,12 +7,11 @@ from dataclasses import replace
 
 import pytest
 
+from conftest import wait_until
 from gradhub.config import RunConfig
 from gradhub.coordination import RunCoordinator, connect, list_runs
 from gradhub.errors import ConfigConflict, NoFreeRank, RedisUnavailable
 from gradhub.redis_server import EmbeddedRedis
-
-from conftest import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 

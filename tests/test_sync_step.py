@@ -13,12 +13,11 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import small_config, wait_until
 from gradhub.codecs import Float32Codec
 from gradhub.data import load_dataset
 from gradhub.domain import PushMeta
 from gradhub.models import build_model
-
-from conftest import small_config, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

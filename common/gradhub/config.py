@@ -88,8 +88,11 @@ class RunConfig:
         if problems:
             raise ConfigurationError("; ".join(problems))
 
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return json.dumps(self.as_dict(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> RunConfig:

@@ -14,6 +14,7 @@ renewing, so its rank key expires within the lease time and it leaves the run.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -122,7 +123,7 @@ class RunCoordinator:
 
     def read_config(self) -> RunConfig | None:
         text = self._call("read the run config", lambda: self.client.get(self.key("config")))
-        return None if text is None else RunConfig.from_json(text)
+        return None if text is None else RunConfig.from_json(str(text))
 
     def wait_config(self, timeout: float) -> RunConfig:
         return wait_for(
@@ -155,9 +156,9 @@ class RunCoordinator:
         """Take the lowest free rank, or return None when every rank is held."""
         lease_ms = int(lease_seconds * 1000)
         for rank in range(world_size):
+            key = self.key(f"rank:{rank}")
             taken = self._call(
-                "claim a rank",
-                lambda: self.client.set(self.key(f"rank:{rank}"), worker_id, nx=True, px=lease_ms),
+                "claim a rank", functools.partial(self.client.set, key, worker_id, nx=True, px=lease_ms)
             )
             if taken:
                 token = int(self._call("take a fencing token", lambda: self.client.incr(self.key("fence"))))
@@ -203,7 +204,7 @@ class RunCoordinator:
 
     def read_status(self) -> dict[str, Any] | None:
         text = self._call("read the run status", lambda: self.client.get(self.key("status")))
-        return None if text is None else dict(json.loads(text))
+        return None if text is None else dict(json.loads(str(text)))
 
 
 def list_runs(client: redis.Redis) -> list[str]:
@@ -215,6 +216,6 @@ def list_runs(client: redis.Redis) -> list[str]:
 
 
 def _diff(old: RunConfig, new: RunConfig) -> str:
-    a, b = json.loads(old.to_json()), json.loads(new.to_json())
+    a, b = old.as_dict(), new.as_dict()
     changed = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return ", ".join(changed)

@@ -15,6 +15,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,8 +46,8 @@ def _mnist1d_arrays() -> dict[str, np.ndarray]:
     os.environ.setdefault("MPLBACKEND", "Agg")  # mnist1d imports pyplot
     from mnist1d.data import get_dataset_args, make_dataset
 
-    generated = make_dataset(get_dataset_args())
-    arrays = {
+    generated: dict[str, Any] = make_dataset(get_dataset_args())
+    arrays: dict[str, np.ndarray] = {
         "x_train": np.asarray(generated["x"], dtype=np.float32),
         "y_train": np.asarray(generated["y"], dtype=np.int64),
         "x_test": np.asarray(generated["x_test"], dtype=np.float32),
@@ -78,7 +79,7 @@ def load_dataset(name: str = "mnist1d", cache_dir: Path | None = None) -> Splits
         fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
         try:
             with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, **arrays)
+                np.savez(handle, **arrays)  # type: ignore[arg-type]
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

@@ -24,7 +24,7 @@ from gradhub.v1 import parameter_server_pb2 as pb
 #: gRPC's default 4 MiB message limit, which is never raised.
 CHUNK_BYTES = 1 << 20
 
-_TO_PROTO_DTYPE: dict[torch.dtype, int] = {
+_TO_PROTO_DTYPE: dict[torch.dtype, pb.DType] = {
     torch.float32: pb.DTYPE_FLOAT32,
     torch.float16: pb.DTYPE_FLOAT16,
     torch.bfloat16: pb.DTYPE_BFLOAT16,
@@ -48,7 +48,7 @@ class WireLimits:
     max_tensors: int = 4096
 
 
-def dtype_to_proto(dtype: torch.dtype) -> int:
+def dtype_to_proto(dtype: torch.dtype) -> pb.DType:
     try:
         return _TO_PROTO_DTYPE[dtype]
     except KeyError:
@@ -86,7 +86,7 @@ def _segments(tensors: Sequence[EncodedTensor]) -> list[memoryview]:
         parts = (tensor.indices, tensor.values) if tensor.indices is not None else (tensor.values,)
         for part in parts:
             if part.numel():
-                views.append(memoryview(part.contiguous().view(torch.uint8).numpy()))
+                views.append(part.contiguous().view(torch.uint8).numpy().data)
     return views
 
 
@@ -188,8 +188,8 @@ def pull_dtype(request: pb.PullRequest) -> torch.dtype:
 
 
 @dataclass(frozen=True)
-class _Layout:
-    """A validated TensorSpec: where its parts lie in the payload."""
+class _Declared:
+    """A validated TensorSpec: what the header declares for one tensor."""
 
     name: str
     shape: tuple[int, ...]
@@ -200,7 +200,7 @@ class _Layout:
     byte_length: int
 
 
-def _read_spec(spec: pb.TensorSpec, position: int) -> _Layout:
+def _read_spec(spec: pb.TensorSpec, position: int) -> _Declared:
     what = f"tensor {position} ({spec.name!r})"
     if len(spec.shape) > _MAX_DIMS or any(d < 0 for d in spec.shape):
         raise InvalidRequest(f"{what}: bad shape {list(spec.shape)}")
@@ -229,12 +229,12 @@ def _read_spec(spec: pb.TensorSpec, position: int) -> _Layout:
         raise InvalidRequest(
             f"{what}: declares {spec.byte_length} bytes, its shape and dtypes need {expected}"
         )
-    return _Layout(spec.name, shape, layout, dtype, index_dtype, count, expected)
+    return _Declared(spec.name, shape, layout, dtype, index_dtype, count, expected)
 
 
 def _read_specs(
     specs: Sequence[pb.TensorSpec], payload_bytes: int, limits: WireLimits
-) -> list[_Layout]:
+) -> list[_Declared]:
     if len(specs) > limits.max_tensors:
         raise InvalidRequest(f"{len(specs)} tensors declared, at most {limits.max_tensors}")
     if payload_bytes > limits.max_payload_bytes:
@@ -290,7 +290,7 @@ class _Assembler:
         return self._buffer
 
 
-def _decode(buffer: bytearray, layouts: Sequence[_Layout]) -> tuple[EncodedTensor, ...]:
+def _decode(buffer: bytearray, layouts: Sequence[_Declared]) -> tuple[EncodedTensor, ...]:
     tensors: list[EncodedTensor] = []
     offset = 0
 

@@ -129,7 +129,7 @@ class ServerApp:
         self.address = self.settings.advertise or _advertised(self.settings.bind, port)
         self.metrics.write(
             {"event": "start", "wall_seconds": 0.0, "address": self.address,
-             "model_parameters": self.model_parameters, "config": _config_dict(self.config)}
+             "model_parameters": self.model_parameters, "config": self.config.as_dict()}
         )
         self.membership.start()
         self.evaluator.start()
@@ -270,8 +270,3 @@ class ServerApp:
 def _eval_dict(result: Evaluation) -> dict[str, Any]:
     return {"version": result.version, "test_loss": result.test_loss, "test_accuracy": result.test_accuracy}
 
-
-def _config_dict(config: RunConfig) -> dict[str, Any]:
-    import json
-
-    return dict(json.loads(config.to_json()))

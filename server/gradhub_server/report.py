@@ -106,7 +106,7 @@ def write_run_folder(
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.save(state_dict, out / "model.pt")
-    _atomic_write(out / "config.json", json.dumps(json.loads(config.to_json()), indent=2) + "\n")
+    _atomic_write(out / "config.json", json.dumps(config.as_dict(), indent=2, sort_keys=True) + "\n")
     title = (
         f"gradhub {config.mode}, {config.workers} workers, {config.model}, "
         f"{config.compression} — run {config.run_id}"

@@ -25,6 +25,7 @@ from gradhub.config import RunConfig
 from gradhub.coordination import Lease, RunCoordinator
 from gradhub.data import load_dataset, shard_indices
 from gradhub.domain import ParameterSnapshot, PushMeta, PushResult
+from gradhub.encoded import EncodedTensor
 from gradhub.errors import (
     DuplicatePush,
     InvalidRequest,
@@ -199,7 +200,7 @@ class Worker:
                 param.copy_(tensor.values.view(tensor.shape), non_blocking=True)
 
     def _push(
-        self, client: ParameterClient, meta: PushMeta, encoded: list, feedback: ErrorFeedback,
+        self, client: ParameterClient, meta: PushMeta, encoded: list[EncodedTensor], feedback: ErrorFeedback,
         keeper: LeaseKeeper, config: RunConfig,
     ) -> PushResult | None:
         """Push once; a refused push goes back to the residual. None: pull and go on."""
