@@ -78,11 +78,16 @@ def server_status(address: str) -> pb.ServerStatus:
         return pb_grpc.ParameterServerStub(channel).GetStatus(pb.GetStatusRequest(), timeout=5)
 
 
-def start_cluster(processes: Processes, redis_url: str, config: RunConfig, out: Path, workers: int) -> None:
+def start_cluster(
+    processes: Processes, redis_url: str, config: RunConfig, out: Path, workers: int
+) -> tuple[subprocess.Popen[bytes], list[subprocess.Popen[bytes]]]:
+    """A server and `workers` workers as real processes; returns (server, workers)."""
     common = ["--redis-url", redis_url, "--run-id", config.run_id, "--torch-threads", "1"]
-    processes.module("server", "gradhub_server", *common, "--out", str(out), "--drain-timeout", "5")
-    for rank in range(workers):
+    server = processes.module("server", "gradhub_server", *common, "--out", str(out), "--drain-timeout", "5")
+    return server, [
         processes.module(f"worker-{rank}", "gradhub_worker", *common, "--worker-id", f"worker-{rank}")
+        for rank in range(workers)
+    ]
 
 
 @pytest.mark.timeout(120)
@@ -94,7 +99,7 @@ def test_a_worker_killed_in_sync_mode_leaves_the_barrier_within_its_lease(
         small_config(run_id, steps=1500, lease_seconds=lease, eval_every=500, lr=0.05)
     )
     out = tmp_path / "run"
-    start_cluster(processes, redis_url, config, out, workers=2)
+    server, _ = start_cluster(processes, redis_url, config, out, workers=2)
     address = coordinator.wait_server(60)
     wait_until(lambda: server_status(address).version >= 100, 60, "the run to reach version 100")
     assert len(server_status(address).live_workers) == 2
@@ -109,7 +114,6 @@ def test_a_worker_killed_in_sync_mode_leaves_the_barrier_within_its_lease(
     assert moved_on_after < lease + 2.0, f"barrier stalled {moved_on_after:.2f}s after the kill"
     assert list(server_status(address).live_workers) == ["worker-0"]
 
-    server = processes._procs[0][0]
     assert server.wait(timeout=90) == 0, processes.log("server")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["steps"] == 1500
@@ -206,3 +210,24 @@ def test_a_server_that_dies_for_good_stops_the_whole_run(
     assert "the server exited with code -9" in stderr
     assert "serving run" in stderr  # the tail of the server's log is shown
     assert processes_of(run_id) == []
+
+
+@pytest.mark.timeout(120)
+def test_stopping_the_server_writes_results_and_workers_leave_promptly(
+    processes: Processes, redis_url: str, coordinator: RunCoordinator, run_id: str, tmp_path: Path
+):
+    config = coordinator.publish_config(small_config(run_id, steps=100000, eval_every=50))
+    out = tmp_path / "run"
+    server, workers = start_cluster(processes, redis_url, config, out, workers=2)
+    wait_for_version(coordinator, 50)
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=30) == 130, processes.log("server")
+    stopped_at = time.monotonic()
+    for worker in workers:
+        # Workers would retry a vanished server for --give-up-after (60 s); a stopped run
+        # is announced in Redis, so they leave at once, cleanly.
+        assert worker.wait(timeout=30) == 0
+    assert time.monotonic() - stopped_at < 15
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] >= 50
+    assert coordinator.live_workers(2) == {}

@@ -27,6 +27,7 @@ from gradhub.data import load_dataset, shard_indices
 from gradhub.domain import ParameterSnapshot, PushMeta, PushResult
 from gradhub.encoded import EncodedTensor
 from gradhub.errors import (
+    CoordinationError,
     DuplicatePush,
     InvalidRequest,
     NonFiniteGradient,
@@ -129,15 +130,18 @@ class Worker:
         keeper.start()
         client: ParameterClient | None = None
         try:
+            # Before any gRPC channel exists: DataLoader workers fork here, and a fork while
+            # gRPC's threads run is unsafe.
+            batches = ShardBatches(config, lease.rank, device, s.loader_workers, s.cache_dir)
             address = s.server or self.coordinator.wait_server(s.join_timeout)
-            log.info("worker %s: rank %d of %d, server %s, device %s",
-                     s.worker_id, lease.rank, config.workers, address, device)
+            log.info("worker %s: rank %d of %d (%d samples), server %s, device %s",
+                     s.worker_id, lease.rank, config.workers, batches.size, address, device)
             client = ParameterClient(
                 address, config.run_id, s.worker_id,
                 max_payload_bytes=12 * count_parameters(model) + (1 << 16),
             )
             client.wait_ready(s.join_timeout)
-            return self._train(config, model, device, client, keeper)
+            return self._train(config, model, batches, client, keeper)
         finally:
             keeper.stop()
             try:
@@ -148,16 +152,19 @@ class Worker:
                 client.close()
 
     def _train(
-        self, config: RunConfig, model: nn.Module, device: torch.device, client: ParameterClient,
+        self, config: RunConfig, model: nn.Module, batches: ShardBatches, client: ParameterClient,
         keeper: LeaseKeeper,
     ) -> int:
         s = self.settings
-        batches = ShardBatches(config, keeper.lease.rank, device, s.loader_workers, s.cache_dir)
         feedback = ErrorFeedback(codec_from_name(config.compression))
         named = list(model.named_parameters())
         sync = config.mode == "sync"
         seq = 0
-        snapshot = self._pull(client, 0)
+        try:
+            snapshot = self._pull(client, 0)
+        except RunFinished as exc:
+            log.info("%s", exc)
+            return 0
         started = time.monotonic()
         last_log = started
         while not snapshot.finished:
@@ -166,25 +173,30 @@ class Worker:
             self._load(named, snapshot)
             x, y = batches.next()
             model.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
+            loss_tensor = nn.functional.cross_entropy(model(x), y)
+            loss_tensor.backward()
+            loss = loss_tensor.item()
             gradients = [(name, p.grad if p.grad is not None else torch.zeros_like(p)) for name, p in named]
             encoded = feedback.encode(gradients)
             seq += 1
             meta = PushMeta(
                 run_id=config.run_id, worker_id=s.worker_id, seq=seq,
-                base_version=snapshot.version, loss=float(loss), samples=int(y.numel()),
+                base_version=snapshot.version, loss=loss, samples=int(y.numel()),
             )
             result = self._push(client, meta, encoded, feedback, keeper, config)
             if result is not None and result.finished:
                 break
             min_version = result.version if (sync and result is not None) else 0
-            snapshot = self._pull(client, min_version)
+            try:
+                snapshot = self._pull(client, min_version)
+            except RunFinished as exc:
+                log.info("%s", exc)
+                break
             now = time.monotonic()
             if now - last_log > 10:
                 last_log = now
                 log.info("version %d: %d pushes applied, %d refused, loss %.4f",
-                         snapshot.version, self.pushes_applied, self.pushes_refused, float(loss))
+                         snapshot.version, self.pushes_applied, self.pushes_refused, loss)
         log.info("run finished: %d pushes applied, %d refused in %.1fs",
                  self.pushes_applied, self.pushes_refused, time.monotonic() - started)
         return 0
@@ -233,13 +245,20 @@ class Worker:
         return result
 
     def _pull(self, client: ParameterClient, min_version: int) -> ParameterSnapshot:
-        """Pull, retrying with backoff; give up after `give_up_after` seconds of failures."""
+        """Pull, retrying with backoff; give up after `give_up_after` seconds of failures.
+
+        Raises RunFinished when the server is gone because the run ended or was stopped:
+        no point waiting for it.
+        """
         backoff = Backoff(initial=0.05, maximum=2.0)
         first_failure: float | None = None
         while True:
             try:
                 return client.pull(min_version, self.settings.rpc_timeout)
             except (ServerUnavailable, VersionNotReached) as exc:
+                state = self._run_state()
+                if state in ("finished", "interrupted"):
+                    raise RunFinished(f"the run is {state}; leaving") from exc
                 now = time.monotonic()
                 first_failure = first_failure or now
                 if now - first_failure > self.settings.give_up_after:
@@ -249,6 +268,13 @@ class Worker:
                 delay = backoff.next_delay()
                 log.warning("pull failed (%s); retrying in %.2fs", exc, delay)
                 time.sleep(delay)
+
+    def _run_state(self) -> str | None:
+        try:
+            status = self.coordinator.read_status()
+        except CoordinationError:
+            return None
+        return None if status is None else status.get("state")
 
     def _reregister(self, config: RunConfig, old: Lease) -> Lease:
         try:
