@@ -14,6 +14,7 @@ from gradhub import wire
 from gradhub.codecs import Float32Codec
 from gradhub.domain import PushMeta
 from gradhub.encoded import EncodedTensor, Layout, dense
+from gradhub.errors import InvalidRequest, StalePush
 from gradhub.models import build_model
 from gradhub.v1 import parameter_server_pb2 as pb
 from gradhub.v1 import parameter_server_pb2_grpc as pb_grpc
@@ -165,3 +166,20 @@ def test_pull_for_another_run_or_bad_dtype_is_refused(async_server, stub, run_id
     snapshot = wire.read_pull(stub.Pull(pb.PullRequest(run_id=run_id, worker_id="x"), timeout=10),
                               wire.WireLimits(max_payload_bytes=1 << 24))
     assert snapshot.version == 0
+
+
+def test_push_pull_returns_the_parameters_its_push_led_to_or_the_same_refusal(async_server, run_id):
+    client = async_server.client("good")
+    good = gradient()
+    result, snapshot = client.push_pull(meta(run_id, 1), good, timeout=10)
+    assert (result.version, result.staleness, snapshot.version) == (1, 0, 1)
+    for got, expected in zip(snapshot.tensors, async_server.parameters()):
+        assert torch.equal(got.values.view(got.shape), expected)
+    client.push_pull(meta(run_id, 2, base=1), good, timeout=10)
+    client.push_pull(meta(run_id, 3, base=2), good, timeout=10)
+    before = async_server.parameters()
+    with pytest.raises(StalePush, match="3 versions stale"):
+        client.push_pull(meta(run_id, 4, base=0), good, timeout=10)
+    with pytest.raises(InvalidRequest, match="NaN or Inf"):
+        client.push_pull(meta(run_id, 5, base=3), [dense(t.name, torch.full(t.shape, float("nan"))) for t in good], 10)
+    assert all(torch.equal(a, b) for a, b in zip(before, async_server.parameters()))

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from gradhub import wire
 from gradhub.codecs import Float16Codec, Float32Codec, TopKCodec
-from gradhub.domain import ParameterSnapshot, PushMeta
+from gradhub.domain import ParameterSnapshot, PushMeta, PushResult
 from gradhub.encoded import EncodedTensor, Layout, dense
 from gradhub.errors import InvalidRequest, PayloadTooLarge
 
@@ -71,6 +71,17 @@ def test_pull_round_trip_keeps_version_and_finished_flag():
     assert (read.version, read.finished) == (17, True)
     for a, b in zip(snapshot.tensors, read.tensors):
         assert_same(a, b)
+
+
+def test_push_pull_stream_carries_the_push_result_in_its_first_message():
+    snapshot = ParameterSnapshot(version=3, tensors=(dense("a", torch.randn(300)),))
+    messages = wire.with_push_result(wire.pull_responses(snapshot, chunk_bytes=256), PushResult(3, 1, False))
+    assert len(messages) == 5 and messages[0].HasField("pushed") and messages[0].HasField("header")
+    result, read = wire.read_push_pull(messages, LIMITS)
+    assert result == PushResult(version=3, staleness=1, finished=False)
+    assert read.version == 3 and torch.equal(read.tensors[0].values, snapshot.tensors[0].values)
+    with pytest.raises(InvalidRequest, match="what became of the push"):
+        wire.read_push_pull(wire.pull_responses(snapshot), LIMITS)
 
 
 def test_declared_payload_over_the_limit_is_refused_before_allocation():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from gradhub.encoded import EncodedTensor
 
 
@@ -17,6 +19,8 @@ class PushMeta:
     base_version: int
     loss: float = float("nan")
     samples: int = 0
+    #: PushPull only: the element type wanted for the parameters sent back.
+    pull_dtype: torch.dtype = torch.float32
 
 
 @dataclass(frozen=True)

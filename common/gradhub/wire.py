@@ -9,6 +9,7 @@ other, chunk order and sizes, sparse index ranges.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -123,6 +124,7 @@ def push_requests(
         payload_bytes=sum(t.byte_length for t in tensors),
         loss=meta.loss,
         samples=meta.samples,
+        pull_dtype=dtype_to_proto(meta.pull_dtype),
     )
     first = True
     for offset, data in _chunks(tensors, chunk_bytes):
@@ -156,6 +158,15 @@ def pull_responses(
     return messages
 
 
+def with_push_result(messages: Sequence[pb.PullResponse], result: PushResult) -> list[pb.PullResponse]:
+    """A pull stream for PushPull: the same messages, the first one also saying what became of
+    the push. Only the first message is copied (one message for a small model: every message
+    of a server stream costs a send round trip in gRPC Python)."""
+    first = pb.PullResponse(pushed=push_reply(result))
+    first.MergeFrom(messages[0])
+    return [first, *messages[1:]]
+
+
 def push_reply(result: PushResult) -> pb.PushReply:
     return pb.PushReply(
         version=result.version, staleness=result.staleness, finished=result.finished
@@ -175,10 +186,11 @@ def pull_request(run_id: str, worker_id: str, min_version: int, dtype: torch.dty
     )
 
 
-def pull_dtype(request: pb.PullRequest) -> torch.dtype:
-    if request.dtype == pb.DTYPE_UNSPECIFIED:
+def pull_dtype(value: int) -> torch.dtype:
+    """The parameters' element type a Pull (`dtype`) or PushPull (`pull_dtype`) asks for."""
+    if value == pb.DTYPE_UNSPECIFIED:
         return torch.float32
-    dtype = dtype_from_proto(request.dtype, "pull")
+    dtype = dtype_from_proto(value, "pull")
     if dtype not in VALUE_DTYPES:
         raise InvalidRequest(f"parameters cannot be pulled as {dtype}")
     return dtype
@@ -347,8 +359,20 @@ def read_push(requests: Iterable[pb.PushRequest], limits: WireLimits) -> Push:
         base_version=header.base_version,
         loss=header.loss,
         samples=header.samples,
+        pull_dtype=pull_dtype(header.pull_dtype),
     )
     return Push(meta=meta, tensors=_decode(assembler.finish(), layouts), wire_bytes=wire_bytes)
+
+
+def read_push_pull(
+    responses: Iterable[pb.PullResponse], limits: WireLimits
+) -> tuple[PushResult, ParameterSnapshot]:
+    """Validate and decode a PushPull stream: the push's fate, then the parameters."""
+    iterator = iter(responses)
+    first = next(iterator, None)
+    if first is None or not first.HasField("pushed"):
+        raise InvalidRequest("the first message of a PushPull must say what became of the push")
+    return push_result(first.pushed), read_pull(itertools.chain([first], iterator), limits)
 
 
 def read_pull(responses: Iterable[pb.PullResponse], limits: WireLimits) -> ParameterSnapshot:

@@ -9,7 +9,7 @@ import grpc
 import torch
 
 from gradhub import wire
-from gradhub.domain import ParameterSnapshot, Push
+from gradhub.domain import ParameterSnapshot, Push, PushResult
 from gradhub.errors import GradhubError, status_for
 from gradhub.v1 import parameter_server_pb2 as pb
 from gradhub.v1 import parameter_server_pb2_grpc as pb_grpc
@@ -53,31 +53,59 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self._limits = limits
         self._streams = _PullStreams()
 
-    def Push(
+    def _push(
         self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext
-    ) -> pb.PushReply:
+    ) -> tuple[Push, PushResult]:
         push: Push | None = None
         try:
             push = wire.read_push(request_iterator, self._limits)
-            result = self._core.push(push, _wait_budget(context))
+            return push, self._core.push(push, _wait_budget(context))
         except GradhubError as exc:
             self._core.refused(push, push.meta.worker_id if push else "", exc)
             context.abort(status_for(exc), str(exc))
+            raise  # unreachable: abort raises
+
+    def _parameters(
+        self, run_id: str, worker_id: str, min_version: int, dtype: torch.dtype,
+        context: grpc.ServicerContext, pushed: PushResult | None = None,
+    ) -> Iterator[pb.PullResponse]:
+        try:
+            snapshot = self._core.pull(run_id, min_version, dtype, _wait_budget(context))
+        except GradhubError as exc:
+            context.abort(status_for(exc), str(exc))
+            raise  # unreachable: abort raises
+        messages, size = self._streams.get(snapshot, dtype)
+        if pushed is not None:
+            messages = wire.with_push_result(messages, pushed)
+        yield from messages
+        self._core.stats.record_pull(worker_id, size)
+
+    def Push(
+        self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext
+    ) -> pb.PushReply:
+        _, result = self._push(request_iterator, context)
         return wire.push_reply(result)
 
     def Pull(
         self, request: pb.PullRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.PullResponse]:
         try:
-            dtype = wire.pull_dtype(request)
-            snapshot = self._core.pull(
-                request.run_id, request.min_version, dtype, _wait_budget(context)
-            )
+            dtype = wire.pull_dtype(request.dtype)
         except GradhubError as exc:
             context.abort(status_for(exc), str(exc))
-        messages, size = self._streams.get(snapshot, dtype)
-        yield from messages
-        self._core.stats.record_pull(request.worker_id, size)
+            raise  # unreachable: abort raises
+        yield from self._parameters(request.run_id, request.worker_id, request.min_version, dtype, context)
+
+    def PushPull(
+        self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.PullResponse]:
+        # Runs when gRPC asks for the first response: the push (and in sync mode the whole
+        # barrier) completes before anything is sent back.
+        push, result = self._push(request_iterator, context)
+        meta = push.meta
+        yield from self._parameters(
+            meta.run_id, meta.worker_id, result.version, meta.pull_dtype, context, pushed=result
+        )
 
     def GetStatus(
         self, request: pb.GetStatusRequest, context: grpc.ServicerContext

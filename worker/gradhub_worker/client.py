@@ -52,6 +52,17 @@ class ParameterClient:
             raise _domain_error(exc) from exc
         return wire.push_result(reply)
 
+    def push_pull(
+        self, meta: PushMeta, tensors: Sequence[EncodedTensor], timeout: float
+    ) -> tuple[PushResult, ParameterSnapshot]:
+        """Push, then receive the parameters of the version the push led to: one round trip."""
+        try:
+            return wire.read_push_pull(
+                self._stub.PushPull(wire.push_requests(meta, tensors), timeout=timeout), self._limits
+            )
+        except grpc.RpcError as exc:
+            raise _domain_error(exc) from exc
+
     def pull(self, min_version: int, timeout: float, dtype: torch.dtype = torch.float32) -> ParameterSnapshot:
         request = wire.pull_request(self.run_id, self.worker_id, min_version, dtype)
         try:

@@ -52,5 +52,9 @@ class ErrorFeedback:
             else:
                 residual.add_(dense.to(residual.device))
 
+    def reset(self) -> None:
+        """Forget every residual (after a gradient the server refused as non-finite)."""
+        self._residuals.clear()
+
     def residual(self, name: str) -> torch.Tensor | None:
         return self._residuals.get(name)

@@ -24,13 +24,12 @@ from gradhub.codecs import codec_from_name
 from gradhub.config import RunConfig
 from gradhub.coordination import Lease, RunCoordinator
 from gradhub.data import load_dataset, shard_indices
-from gradhub.domain import ParameterSnapshot, PushMeta, PushResult
+from gradhub.domain import ParameterSnapshot, PushMeta
 from gradhub.encoded import EncodedTensor
 from gradhub.errors import (
     CoordinationError,
     DuplicatePush,
     InvalidRequest,
-    NonFiniteGradient,
     RunFinished,
     ServerUnavailable,
     StalePush,
@@ -78,7 +77,12 @@ def pick_device(name: str) -> torch.device:
 
 
 class ShardBatches:
-    """Endless shuffled batches of one rank's shard; each epoch reshuffles (seeded)."""
+    """Endless shuffled batches of one rank's shard; each epoch reshuffles (seeded).
+
+    With `loader_workers` > 0 a DataLoader with that many worker processes produces the
+    batches; with 0 the shard (already in memory) is indexed directly, which costs a
+    tenth of the DataLoader's per-sample collation on every step.
+    """
 
     def __init__(
         self, config: RunConfig, rank: int, device: torch.device, loader_workers: int,
@@ -86,29 +90,48 @@ class ShardBatches:
     ) -> None:
         splits = load_dataset(config.dataset, cache_dir)
         indices = shard_indices(len(splits.y_train), rank, config.workers)
-        dataset = TensorDataset(splits.x_train[indices], splits.y_train[indices])
-        generator = torch.Generator().manual_seed(config.seed * 7919 + rank)
-        self._loader = DataLoader(
-            dataset,
-            batch_size=min(config.batch_size, len(dataset)),
-            shuffle=True,
-            drop_last=True,
-            num_workers=loader_workers,
-            generator=generator,
-            persistent_workers=loader_workers > 0,
-            pin_memory=device.type == "cuda",
-        )
+        self._x, self._y = splits.x_train[indices], splits.y_train[indices]
+        self.size = len(self._y)
+        self._batch = min(config.batch_size, self.size)
+        self._generator = torch.Generator().manual_seed(config.seed * 7919 + rank)
         self._device = device
-        self._iterator: Iterator[list[torch.Tensor]] = iter(self._loader)
-        self.size = len(dataset)
+        self._order = torch.empty(0, dtype=torch.int64)
+        self._position = 0
+        self._loader: DataLoader[tuple[torch.Tensor, ...]] | None = None
+        if loader_workers > 0:
+            self._loader = DataLoader(
+                TensorDataset(self._x, self._y),
+                batch_size=self._batch,
+                shuffle=True,
+                drop_last=True,
+                num_workers=loader_workers,
+                generator=self._generator,
+                persistent_workers=True,
+                pin_memory=device.type == "cuda",
+            )
+            self._iterator: Iterator[list[torch.Tensor]] = iter(self._loader)
+        else:
+            # Small in-memory shards move to the device once, not every step.
+            self._x, self._y = self._x.to(device), self._y.to(device)
+
+    def _from_memory(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._position + self._batch > len(self._order):
+            self._order = torch.randperm(self.size, generator=self._generator)
+            self._position = 0
+        batch = self._order[self._position : self._position + self._batch].to(self._device)
+        self._position += self._batch
+        return self._x[batch], self._y[batch]
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch, on the worker's device."""
+        if self._loader is None:
+            return self._from_memory()
         try:
             x, y = next(self._iterator)
         except StopIteration:
             self._iterator = iter(self._loader)
             x, y = next(self._iterator)
-        non_blocking = self._device.type == "cuda"
+        non_blocking = self._device.type == "cuda"  # pinned by the DataLoader
         return x.to(self._device, non_blocking=non_blocking), y.to(self._device, non_blocking=non_blocking)
 
 
@@ -158,45 +181,34 @@ class Worker:
         s = self.settings
         feedback = ErrorFeedback(codec_from_name(config.compression))
         named = list(model.named_parameters())
-        sync = config.mode == "sync"
         seq = 0
+        started = last_log = time.monotonic()
         try:
             snapshot = self._pull(client, 0)
+            while not snapshot.finished:
+                if keeper.lost.is_set():
+                    keeper.replace(self._reregister(config, keeper.lease))
+                self._load(named, snapshot)
+                x, y = batches.next()
+                model.zero_grad(set_to_none=True)
+                loss_tensor = nn.functional.cross_entropy(model(x), y)
+                loss_tensor.backward()
+                loss = loss_tensor.item()
+                gradients = [(n, p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in named]
+                encoded = feedback.encode(gradients)
+                seq += 1
+                meta = PushMeta(
+                    run_id=config.run_id, worker_id=s.worker_id, seq=seq,
+                    base_version=snapshot.version, loss=loss, samples=int(y.numel()),
+                )
+                snapshot = self._step(client, meta, encoded, feedback, keeper, config)
+                now = time.monotonic()
+                if now - last_log > 10:
+                    last_log = now
+                    log.info("version %d: %d pushes applied, %d refused, loss %.4f",
+                             snapshot.version, self.pushes_applied, self.pushes_refused, loss)
         except RunFinished as exc:
             log.info("%s", exc)
-            return 0
-        started = time.monotonic()
-        last_log = started
-        while not snapshot.finished:
-            if keeper.lost.is_set():
-                keeper.replace(self._reregister(config, keeper.lease))
-            self._load(named, snapshot)
-            x, y = batches.next()
-            model.zero_grad(set_to_none=True)
-            loss_tensor = nn.functional.cross_entropy(model(x), y)
-            loss_tensor.backward()
-            loss = loss_tensor.item()
-            gradients = [(name, p.grad if p.grad is not None else torch.zeros_like(p)) for name, p in named]
-            encoded = feedback.encode(gradients)
-            seq += 1
-            meta = PushMeta(
-                run_id=config.run_id, worker_id=s.worker_id, seq=seq,
-                base_version=snapshot.version, loss=loss, samples=int(y.numel()),
-            )
-            result = self._push(client, meta, encoded, feedback, keeper, config)
-            if result is not None and result.finished:
-                break
-            min_version = result.version if (sync and result is not None) else 0
-            try:
-                snapshot = self._pull(client, min_version)
-            except RunFinished as exc:
-                log.info("%s", exc)
-                break
-            now = time.monotonic()
-            if now - last_log > 10:
-                last_log = now
-                log.info("version %d: %d pushes applied, %d refused, loss %.4f",
-                         snapshot.version, self.pushes_applied, self.pushes_refused, loss)
         log.info("run finished: %d pushes applied, %d refused in %.1fs",
                  self.pushes_applied, self.pushes_refused, time.monotonic() - started)
         return 0
@@ -211,38 +223,37 @@ class Worker:
                     )
                 param.copy_(tensor.values.view(tensor.shape), non_blocking=True)
 
-    def _push(
-        self, client: ParameterClient, meta: PushMeta, encoded: list[EncodedTensor], feedback: ErrorFeedback,
-        keeper: LeaseKeeper, config: RunConfig,
-    ) -> PushResult | None:
-        """Push once; a refused push goes back to the residual. None: pull and go on."""
+    def _step(
+        self, client: ParameterClient, meta: PushMeta, encoded: list[EncodedTensor],
+        feedback: ErrorFeedback, keeper: LeaseKeeper, config: RunConfig,
+    ) -> ParameterSnapshot:
+        """Push and receive the next parameters in one call; a refused push goes back to the
+        residual and the parameters are pulled. Raises RunFinished when the run is over."""
         try:
-            result = client.push(meta, encoded, self.settings.rpc_timeout)
-        except RunFinished:
-            return RUN_FINISHED
+            _, snapshot = client.push_pull(meta, encoded, self.settings.rpc_timeout)
+            self.pushes_applied += 1
+            return snapshot
         except DuplicatePush:
-            return None  # already taken: nothing to give back
+            pass  # this seq was already taken: nothing to give back
         except StalePush as exc:
             log.debug("stale push: %s", exc)
             feedback.restore(encoded)
             self.pushes_refused += 1
-            return None
         except UnknownWorker as exc:
             log.warning("%s", exc)
             feedback.restore(encoded)
             keeper.replace(self._reregister(config, keeper.lease))
-            return None
-        except NonFiniteGradient as exc:
-            log.error("gradient dropped: %s", exc)
+        except InvalidRequest as exc:
+            # The server found NaN/Inf (divergence) or a malformed gradient: drop it, and
+            # drop the residual too, or the NaN would poison every later push.
+            log.error("gradient dropped, error feedback reset: %s", exc)
+            feedback.reset()
             self.pushes_refused += 1
-            return None
         except (ServerUnavailable, VersionNotReached) as exc:
             log.warning("push failed (%s); pulling again", exc)
             feedback.restore(encoded)
             self.pushes_refused += 1
-            return None
-        self.pushes_applied += 1
-        return result
+        return self._pull(client, 0)
 
     def _pull(self, client: ParameterClient, min_version: int) -> ParameterSnapshot:
         """Pull, retrying with backoff; give up after `give_up_after` seconds of failures.
@@ -287,6 +298,3 @@ class Worker:
         log.info("re-registered with rank %d (was %d)", lease.rank, old.rank)
         return lease
 
-
-#: Marker returned by `_push` when the server says the run is over.
-RUN_FINISHED = PushResult(version=-1, staleness=0, finished=True)

@@ -44,6 +44,11 @@ class ParameterServerStub:
                 request_serializer=gradhub_dot_v1_dot_parameter__server__pb2.PullRequest.SerializeToString,
                 response_deserializer=gradhub_dot_v1_dot_parameter__server__pb2.PullResponse.FromString,
                 _registered_method=True)
+        self.PushPull = channel.stream_stream(
+                '/gradhub.v1.ParameterServer/PushPull',
+                request_serializer=gradhub_dot_v1_dot_parameter__server__pb2.PushRequest.SerializeToString,
+                response_deserializer=gradhub_dot_v1_dot_parameter__server__pb2.PullResponse.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/gradhub.v1.ParameterServer/GetStatus',
                 request_serializer=gradhub_dot_v1_dot_parameter__server__pb2.GetStatusRequest.SerializeToString,
@@ -68,6 +73,15 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushPull(self, request_iterator, context):
+        """Push a gradient, then stream back the parameters of the version it led to, in one
+        call: the worker's step needs one round trip instead of two. A refused push ends the
+        call with the status Push would have returned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStatus(self, request, context):
         """A cheap snapshot of the server's state.
         """
@@ -86,6 +100,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
             'Pull': grpc.unary_stream_rpc_method_handler(
                     servicer.Pull,
                     request_deserializer=gradhub_dot_v1_dot_parameter__server__pb2.PullRequest.FromString,
+                    response_serializer=gradhub_dot_v1_dot_parameter__server__pb2.PullResponse.SerializeToString,
+            ),
+            'PushPull': grpc.stream_stream_rpc_method_handler(
+                    servicer.PushPull,
+                    request_deserializer=gradhub_dot_v1_dot_parameter__server__pb2.PushRequest.FromString,
                     response_serializer=gradhub_dot_v1_dot_parameter__server__pb2.PullResponse.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
@@ -147,6 +166,33 @@ class ParameterServer:
             target,
             '/gradhub.v1.ParameterServer/Pull',
             gradhub_dot_v1_dot_parameter__server__pb2.PullRequest.SerializeToString,
+            gradhub_dot_v1_dot_parameter__server__pb2.PullResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushPull(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/gradhub.v1.ParameterServer/PushPull',
+            gradhub_dot_v1_dot_parameter__server__pb2.PushRequest.SerializeToString,
             gradhub_dot_v1_dot_parameter__server__pb2.PullResponse.FromString,
             options,
             channel_credentials,

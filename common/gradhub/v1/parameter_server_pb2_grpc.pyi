@@ -48,6 +48,11 @@ class ParameterServerStub:
     """Stream one gradient to the server."""
     Pull: _grpc.UnaryStreamMultiCallable[_parameter_server_pb2.PullRequest, _parameter_server_pb2.PullResponse]
     """Stream the current parameters from the server."""
+    PushPull: _grpc.StreamStreamMultiCallable[_parameter_server_pb2.PushRequest, _parameter_server_pb2.PullResponse]
+    """Push a gradient, then stream back the parameters of the version it led to, in one
+    call: the worker's step needs one round trip instead of two. A refused push ends the
+    call with the status Push would have returned.
+    """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_parameter_server_pb2.GetStatusRequest, _parameter_server_pb2.ServerStatus]
     """A cheap snapshot of the server's state."""
 
@@ -58,6 +63,11 @@ class ParameterServerAsyncStub(ParameterServerStub):
     """Stream one gradient to the server."""
     Pull: _aio.UnaryStreamMultiCallable[_parameter_server_pb2.PullRequest, _parameter_server_pb2.PullResponse]  # type: ignore[assignment]
     """Stream the current parameters from the server."""
+    PushPull: _aio.StreamStreamMultiCallable[_parameter_server_pb2.PushRequest, _parameter_server_pb2.PullResponse]  # type: ignore[assignment]
+    """Push a gradient, then stream back the parameters of the version it led to, in one
+    call: the worker's step needs one round trip instead of two. A refused push ends the
+    call with the status Push would have returned.
+    """
     GetStatus: _aio.UnaryUnaryMultiCallable[_parameter_server_pb2.GetStatusRequest, _parameter_server_pb2.ServerStatus]  # type: ignore[assignment]
     """A cheap snapshot of the server's state."""
 
@@ -77,6 +87,17 @@ class ParameterServerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_parameter_server_pb2.PullResponse], _abc.AsyncIterator[_parameter_server_pb2.PullResponse]]:
         """Stream the current parameters from the server."""
+
+    @_abc_1.abstractmethod
+    def PushPull(
+        self,
+        request_iterator: _MaybeAsyncIterator[_parameter_server_pb2.PushRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_parameter_server_pb2.PullResponse], _abc.AsyncIterator[_parameter_server_pb2.PullResponse]]:
+        """Push a gradient, then stream back the parameters of the version it led to, in one
+        call: the worker's step needs one round trip instead of two. A refused push ends the
+        call with the status Push would have returned.
+        """
 
     @_abc_1.abstractmethod
     def GetStatus(
