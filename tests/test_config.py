@@ -32,7 +32,7 @@ def test_mode_defaults_fill_what_was_not_given(monkeypatch):
     sync = run_config_from_args(parser().parse_args([]), "r1")
     assert (sync.mode, sync.steps, sync.lr) == ("sync", 3000, 0.1)
     asyn = run_config_from_args(parser().parse_args(["--mode", "async", "--lr", "0.5"]), "r2")
-    assert (asyn.mode, asyn.steps, asyn.lr) == ("async", 6000, 0.5)
+    assert (asyn.mode, asyn.steps, asyn.lr) == ("async", 9000, 0.5)
 
 
 def test_environment_sets_defaults_and_flags_win(monkeypatch):

@@ -34,7 +34,7 @@ def test_default_sync_run_with_two_workers_reaches_92_percent(tmp_path: Path):
 
 def test_default_async_run_with_three_workers_reaches_92_percent_with_real_staleness(tmp_path: Path):
     summary = run_default(tmp_path / "async", "--mode", "async", "--workers", "3")
-    assert summary["steps"] == 6000
+    assert summary["steps"] == 9000
     assert summary["final_test_accuracy"] >= 0.92, summary
     assert summary["staleness"]["max"] >= 1
     assert summary["staleness"]["mean"] > 0

@@ -27,7 +27,7 @@ LR_SCHEDULES = ("constant", "step", "cosine")
 #: its staleness already acts like extra momentum, so it takes a smaller step, more often.
 MODE_DEFAULTS: dict[str, dict[str, float | int]] = {
     "sync": {"steps": 3000, "lr": 0.1},
-    "async": {"steps": 6000, "lr": 0.03},
+    "async": {"steps": 9000, "lr": 0.03},
 }
 
 
@@ -149,7 +149,7 @@ def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run configuration (shared by every process of the run)")
     group.add_argument("--mode", choices=MODES, help="sync: barrier per step; async: apply on arrival (default sync)")
     group.add_argument("--workers", type=int, help="number of workers / data shards (default 2)")
-    group.add_argument("--steps", type=int, help="server updates to make (default: sync 3000, async 6000)")
+    group.add_argument("--steps", type=int, help="server updates to make (default: sync 3000, async 9000)")
     group.add_argument("--model", help="built-in model name (cnn, mlp, linear) or module:function (default cnn)")
     group.add_argument("--model-kwargs", type=parse_json_object, help="JSON object of keyword arguments for the model")
     group.add_argument("--dataset", help="dataset (default mnist1d)")
