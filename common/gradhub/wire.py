@@ -329,6 +329,30 @@ def _decode(buffer: bytearray, layouts: Sequence[_Declared]) -> tuple[EncodedTen
     return tuple(tensors)
 
 
+class _Message(_Chunk, Protocol):
+    def HasField(self, name: str) -> bool: ...
+
+    def ByteSize(self) -> int: ...
+
+
+def _read_payload(
+    first: _Message, rest: Iterator[_Message], specs: Sequence[pb.TensorSpec], payload_bytes: int,
+    limits: WireLimits, what: str,
+) -> tuple[tuple[EncodedTensor, ...], int]:
+    """The tensors a stream's header declares, from its chunks; and the stream's wire bytes."""
+    layouts = _read_specs(specs, payload_bytes, limits)
+    assembler = _Assembler(payload_bytes, limits)
+    wire_bytes = first.ByteSize()
+    if first.data or first.offset:
+        assembler.add(first)
+    for message in rest:
+        if message.HasField("header"):
+            raise InvalidRequest(f"only the first message of a {what} may carry a header")
+        wire_bytes += message.ByteSize()
+        assembler.add(message)
+    return _decode(assembler.finish(), layouts), wire_bytes
+
+
 def read_push(requests: Iterable[pb.PushRequest], limits: WireLimits) -> Push:
     """Validate and decode a push stream; raises InvalidRequest or PayloadTooLarge."""
     iterator = iter(requests)
@@ -342,16 +366,9 @@ def read_push(requests: Iterable[pb.PushRequest], limits: WireLimits) -> Push:
         raise InvalidRequest("a push must name its run and worker")
     if header.seq < 1:
         raise InvalidRequest("push sequence numbers start at 1")
-    layouts = _read_specs(header.tensors, header.payload_bytes, limits)
-    assembler = _Assembler(header.payload_bytes, limits)
-    wire_bytes = first.ByteSize()
-    if first.data or first.offset:
-        assembler.add(first)
-    for request in iterator:
-        if request.HasField("header"):
-            raise InvalidRequest("only the first message of a push may carry a header")
-        wire_bytes += request.ByteSize()
-        assembler.add(request)
+    tensors, wire_bytes = _read_payload(
+        first, iterator, header.tensors, header.payload_bytes, limits, "push"
+    )
     meta = PushMeta(
         run_id=header.run_id,
         worker_id=header.worker_id,
@@ -361,7 +378,7 @@ def read_push(requests: Iterable[pb.PushRequest], limits: WireLimits) -> Push:
         samples=header.samples,
         pull_dtype=pull_dtype(header.pull_dtype),
     )
-    return Push(meta=meta, tensors=_decode(assembler.finish(), layouts), wire_bytes=wire_bytes)
+    return Push(meta=meta, tensors=tensors, wire_bytes=wire_bytes)
 
 
 def read_push_pull(
@@ -382,19 +399,9 @@ def read_pull(responses: Iterable[pb.PullResponse], limits: WireLimits) -> Param
     if first is None or not first.HasField("header"):
         raise InvalidRequest("the first message of a pull must carry its header")
     header = first.header
-    layouts = _read_specs(header.tensors, header.payload_bytes, limits)
-    assembler = _Assembler(header.payload_bytes, limits)
-    wire_bytes = first.ByteSize()
-    if first.data or first.offset:
-        assembler.add(first)
-    for response in iterator:
-        if response.HasField("header"):
-            raise InvalidRequest("only the first message of a pull may carry a header")
-        wire_bytes += response.ByteSize()
-        assembler.add(response)
+    tensors, wire_bytes = _read_payload(
+        first, iterator, header.tensors, header.payload_bytes, limits, "pull"
+    )
     return ParameterSnapshot(
-        version=header.version,
-        tensors=_decode(assembler.finish(), layouts),
-        finished=header.finished,
-        wire_bytes=wire_bytes,
+        version=header.version, tensors=tensors, finished=header.finished, wire_bytes=wire_bytes
     )
