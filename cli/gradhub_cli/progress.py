@@ -42,6 +42,7 @@ class ProgressLine:
         self._tty = self._stream.isatty()
         self._interval = log_interval
         self._last_print = 0.0
+        self._last_line: str | None = None
         self._width = 0
 
     def update(self, line: str) -> None:
@@ -54,6 +55,11 @@ class ProgressLine:
         now = time.monotonic()
         if now - self._last_print >= self._interval:
             self._last_print = now
+            self._write_line(line)
+
+    def _write_line(self, line: str) -> None:
+        if line != self._last_line:
+            self._last_line = line
             self._stream.write(line + "\n")
             self._stream.flush()
 
@@ -62,7 +68,7 @@ class ProgressLine:
             if self._tty:
                 self._stream.write("\r" + line.ljust(self._width) + "\n")
             else:
-                self._stream.write(line + "\n")
+                self._write_line(line)
         elif self._tty and self._width:
             self._stream.write("\n")
         self._stream.flush()
