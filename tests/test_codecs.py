@@ -92,6 +92,16 @@ def test_error_feedback_sent_plus_residual_equals_everything_accumulated(ratio, 
         assert torch.allclose(sent + residual.double(), total, rtol=1e-5, atol=1e-5 * scale * steps)
 
 
+def test_a_lossless_codec_keeps_no_residual_until_a_push_is_refused():
+    feedback = ErrorFeedback(Float32Codec())
+    gradient = torch.randn(10)
+    (sent,) = feedback.encode([("g", gradient)])
+    assert torch.equal(sent.to_dense(), gradient) and feedback.residual("g") is None
+    feedback.restore([sent])  # refused: it must still reach the server later
+    (again,) = feedback.encode([("g", gradient)])
+    assert torch.allclose(again.to_dense(), 2 * gradient)
+
+
 def test_a_refused_push_returns_whole_to_the_residual():
     feedback = ErrorFeedback(TopKCodec(0.1))
     gradient = torch.randn(100)

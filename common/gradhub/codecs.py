@@ -28,6 +28,8 @@ class Codec(ABC):
 
     #: The name this codec is chosen by (with its argument, e.g. "topk:0.01").
     name: str
+    #: Decoding gives back exactly what was encoded: error feedback has nothing to keep.
+    lossless: bool = False
 
     @abstractmethod
     def encode(self, name: str, tensor: torch.Tensor) -> EncodedTensor:
@@ -53,6 +55,7 @@ def _to_fp16(values: torch.Tensor) -> torch.Tensor:
 
 class Float32Codec(Codec):
     name = "none"
+    lossless = True
 
     def encode(self, name: str, tensor: torch.Tensor) -> EncodedTensor:
         return dense(name, tensor, torch.float32)

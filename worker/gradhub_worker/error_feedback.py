@@ -22,6 +22,8 @@ class ErrorFeedback:
         self._residuals: dict[str, torch.Tensor] = {}
 
     def encode(self, gradients: Sequence[tuple[str, torch.Tensor]]) -> list[EncodedTensor]:
+        if self.codec.lossless and not self._residuals:
+            return [self.codec.encode(name, gradient) for name, gradient in gradients]
         encoded = []
         for name, gradient in gradients:
             residual = self._residuals.get(name)
