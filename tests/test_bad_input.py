@@ -11,7 +11,7 @@ import torch
 
 from conftest import random_gradient, small_config
 from gradhub import wire
-from gradhub.codecs import Float32Codec
+from gradhub.codecs import codec_from_name
 from gradhub.domain import PushMeta
 from gradhub.encoded import EncodedTensor, Layout, dense
 from gradhub.errors import InvalidRequest, StalePush
@@ -21,7 +21,7 @@ from gradhub.v1 import parameter_server_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
-CODEC = Float32Codec()
+CODEC = codec_from_name("none")
 
 
 @pytest.fixture

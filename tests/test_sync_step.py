@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from conftest import small_config, wait_until
-from gradhub.codecs import Float32Codec
+from gradhub.codecs import codec_from_name
 from gradhub.data import load_dataset
 from gradhub.domain import PushMeta
 from gradhub.models import build_model
@@ -43,7 +43,7 @@ def test_sync_step_applies_the_mean_of_the_workers_gradients(serve, run_id, work
     ids = [f"w{rank}" for rank in range(workers)]
     ranks = [server.register(worker_id) for worker_id in ids]
     gradients = [batch_gradient(reference, rank) for rank in ranks]
-    codec = Float32Codec()
+    codec = codec_from_name("none")
 
     def push(i: int):
         client = server.client(ids[i])
@@ -81,7 +81,7 @@ def test_sync_push_waits_for_every_live_worker(serve, run_id):
     server.register("a")
     server.register("b")
     model = build_model("cnn")
-    codec = Float32Codec()
+    codec = codec_from_name("none")
     grads = [codec.encode(n, g) for n, g in batch_gradient(model, 0)]
     client_a = server.client("a")
     with ThreadPoolExecutor(1) as pool:

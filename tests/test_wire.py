@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradhub import wire
-from gradhub.codecs import Float16Codec, Float32Codec, TopKCodec
+from gradhub.codecs import codec_from_name
 from gradhub.domain import ParameterSnapshot, PushMeta, PushResult
 from gradhub.encoded import EncodedTensor, Layout, dense
 from gradhub.errors import InvalidRequest, PayloadTooLarge
@@ -34,7 +34,7 @@ shapes = st.lists(st.integers(0, 6), min_size=0, max_size=3).map(tuple)
 @settings(max_examples=60, deadline=None)
 @given(
     shapes=st.lists(shapes, min_size=1, max_size=5),
-    codec=st.sampled_from([Float32Codec(), Float16Codec(), TopKCodec(0.3), TopKCodec(1.0)]),
+    codec=st.sampled_from([codec_from_name("none"), codec_from_name("fp16"), codec_from_name("topk:0.3"), codec_from_name("topk:1.0")]),
     chunk=st.integers(1, 64),
     seed=st.integers(0, 2**16),
 )
@@ -115,4 +115,42 @@ def test_sparse_nnz_beyond_numel_is_refused():
                            torch.tensor([0, 1, 1], dtype=torch.int32))
     messages = list(wire.push_requests(META, [sparse]))
     with pytest.raises(InvalidRequest, match="nnz 3 exceeds"):
+        wire.read_push(messages, LIMITS)
+
+
+def _sparse_push(codec: str, numel: int = 5000) -> list:
+    from gradhub.codecs import codec_from_name as make
+
+    tensor = make(codec).encode("s", torch.randn(numel, generator=torch.Generator().manual_seed(1)))
+    return list(wire.push_requests(META, [tensor]))
+
+
+@pytest.mark.parametrize(
+    "codec, mutate, message",
+    [
+        ("topk:0.01", lambda s: setattr(s, "index_bytes", s.index_bytes + 1), "declares"),
+        ("topk:0.01", lambda s: setattr(s, "index_bytes", 3), "index bytes do not fit"),
+        ("topk:0.01", lambda s: setattr(s, "index_encoding", 7), "unknown index encoding"),
+        ("topk:0.5", lambda s: setattr(s, "index_bytes", 9), "index bytes do not fit"),  # a bitmap
+        ("topk:0.01+int8", lambda s: setattr(s, "scale_block", 0), "need a scale block"),
+        ("topk:0.01", lambda s: setattr(s, "scale_block", 16), "need a scale block"),
+        ("int8", lambda s: setattr(s, "scale_block", 128), "declares"),
+        ("fp16", lambda s: setattr(s, "index_bytes", 4), "declares no indices"),
+    ],
+)
+def test_inconsistent_index_and_scale_declarations_are_refused(codec, mutate, message):
+    messages = _sparse_push(codec)
+    mutate(messages[0].header.tensors[0])
+    with pytest.raises(InvalidRequest, match=message):
+        wire.read_push(messages, LIMITS)
+
+
+def test_corrupted_varint_indices_are_refused():
+    messages = _sparse_push("topk:0.01")
+    spec = messages[0].header.tensors[0]
+    assert spec.index_encoding == 1  # delta-varint
+    data = bytearray(messages[0].data)
+    data[0] |= 0x80  # a continuation bit where a varint ended: the count no longer matches
+    messages[0].data = bytes(data)
+    with pytest.raises(InvalidRequest, match="tensor 's'"):
         wire.read_push(messages, LIMITS)

@@ -1,43 +1,192 @@
 """Gradient codecs: how a worker's gradient is put on the wire, chosen by name.
 
-A codec turns one fp32 tensor into an EncodedTensor and states its ratio against
-dense fp32. Decoding is the EncodedTensor's own (`to_dense`), so the server needs
-no codec to read what any codec wrote. Error feedback (what a lossy codec drops
-is kept and sent later) lives on the worker, around a codec.
+A codec is a sparsifier (which coordinates travel) composed with a value codec (in
+what element type):
 
-Names: `none` (fp32), `fp16`, `topk:RATIO` (the RATIO largest-magnitude
-coordinates of each tensor, values in fp16, int32 indices).
+    none | fp32 | fp16 | bf16 | int8             every coordinate, in that type
+    topk:R[+V]         the ceil(R * numel) largest magnitudes of each tensor (exact)
+    approx-topk:R[+V]  about as many, selected by a threshold estimated from a sample
+                       (no sort of the whole tensor: faster on tens of millions)
+    randomk:R[+V]      ceil(R * numel) coordinates drawn at random (seeded)
+
+V is the value codec of the sent coordinates (fp16 when omitted). `int8` is blockwise
+absmax quantization: one float32 scale per 256 values. Sparse indices travel in the
+smallest of raw, delta-varint or bitmap encodings (`gradhub.index_coding`).
+
+Every codec states the payload bytes it expects for a tensor of n elements
+(`payload_bytes`, exact for dense codecs, for spread indices otherwise), the ratio
+against dense fp32, and a bound on its decoding error for a given tensor
+(`error_bound`). Decoding is the EncodedTensor's own (`to_dense`), so the server
+needs no codec to read what any codec wrote. Error feedback (what a lossy codec
+drops is kept and sent later) lives on the worker, around a codec.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from gradhub.encoded import EncodedTensor, Layout, dense
-from gradhub.errors import ConfigurationError
+from gradhub.encoded import EncodedTensor, Layout, sparse
+from gradhub.errors import ConfigurationError, NonFiniteGradient
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
+BF16_MAX = float(torch.finfo(torch.bfloat16).max)
+INT8_BLOCK = 256
+
+
+# --- value codecs: the element type of the coordinates that travel --------------------------
+
+
+class ValueCodec(ABC):
+    name: str
+    lossless: bool = False
+
+    @abstractmethod
+    def encode(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """(wire values, scales or None, scale block) for 1-D finite float32 `values`."""
+
+    @abstractmethod
+    def bytes_for(self, count: int) -> int:
+        """Payload bytes of `count` values."""
+
+    @abstractmethod
+    def error_bound(self, values: torch.Tensor) -> torch.Tensor:
+        """Per element, the largest |decoded - value| this codec may produce."""
+
+
+class Float32Values(ValueCodec):
+    name = "fp32"
+    lossless = True
+
+    def encode(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        return values.to(torch.float32).contiguous(), None, 0
+
+    def bytes_for(self, count: int) -> int:
+        return 4 * count
+
+    def error_bound(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(values)
+
+
+class Float16Values(ValueCodec):
+    """IEEE half. Magnitudes past 65504 are clamped rather than overflowing to Inf (the
+    server refuses non-finite gradients; with error feedback the clipped part is sent later)."""
+
+    name = "fp16"
+
+    def encode(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        return values.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).contiguous(), None, 0
+
+    def bytes_for(self, count: int) -> int:
+        return 2 * count
+
+    def error_bound(self, values: torch.Tensor) -> torch.Tensor:
+        magnitude = values.abs()
+        # Half a unit in the last place (11-bit significand), half the smallest subnormal,
+        # plus what clamping removes.
+        return magnitude * 2.0**-11 + 2.0**-25 + (magnitude - FP16_MAX).clamp(min=0)
+
+
+class BFloat16Values(ValueCodec):
+    """bfloat16: float32's exponent range, 8-bit significand. The last float32 values
+    above bfloat16's largest would round to Inf: they are clamped."""
+
+    name = "bf16"
+
+    def encode(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        return values.clamp(-BF16_MAX, BF16_MAX).to(torch.bfloat16).contiguous(), None, 0
+
+    def bytes_for(self, count: int) -> int:
+        return 2 * count
+
+    def error_bound(self, values: torch.Tensor) -> torch.Tensor:
+        # Round-to-nearest on 8 significand bits; bfloat16 keeps float32's exponent range,
+        # so only float32 subnormals lose more, absolutely bounded by bfloat16's smallest step.
+        magnitude = values.abs()
+        return magnitude * 2.0**-8 + 2.0**-133 + (magnitude - BF16_MAX).clamp(min=0)
+
+
+class Int8Values(ValueCodec):
+    """Blockwise absmax: each block of 256 values shares a float32 scale absmax/127."""
+
+    name = "int8"
+
+    def __init__(self, block: int = INT8_BLOCK) -> None:
+        self.block = block
+
+    def _scales(self, values: torch.Tensor) -> torch.Tensor:
+        count = values.numel()
+        blocks = -(-count // self.block)
+        padded = torch.zeros(blocks * self.block, dtype=torch.float32)
+        padded[:count] = values.abs()
+        absmax = padded.view(blocks, self.block).amax(dim=1)
+        scales = absmax / 127.0
+        # Round toward zero, so that 127 * scale never exceeds absmax (nor float32's range).
+        return torch.where(scales * 127.0 > absmax, torch.nextafter(scales, torch.zeros_like(scales)), scales)
+
+    def encode(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        values = values.to(torch.float32)
+        scales = self._scales(values)
+        per_value = scales.repeat_interleave(self.block)[: values.numel()]
+        safe = torch.where(per_value > 0, per_value, torch.ones_like(per_value))
+        quantized = torch.round(values / safe).clamp(-127, 127).to(torch.int8)
+        return quantized.contiguous(), scales, self.block
+
+    def bytes_for(self, count: int) -> int:
+        return count + 4 * (-(-count // self.block))
+
+    def error_bound(self, values: torch.Tensor) -> torch.Tensor:
+        per_value = self._scales(values.to(torch.float32)).repeat_interleave(self.block)[: values.numel()]
+        # Half a quantization step, float32 rounding of x / scale and q * scale, and the
+        # absolute error of scales that fall among float32's subnormals.
+        return per_value * 0.5 + values.abs() * 2.0**-22 + 2.0**-140
+
+
+_VALUE_CODECS: dict[str, type[ValueCodec]] = {
+    "fp32": Float32Values,
+    "fp16": Float16Values,
+    "bf16": BFloat16Values,
+    "int8": Int8Values,
+}
+
+
+# --- codecs ----------------------------------------------------------------------------------
 
 
 class Codec(ABC):
     """Encodes one gradient tensor for the wire."""
 
-    #: The name this codec is chosen by (with its argument, e.g. "topk:0.01").
+    #: The name this codec is chosen by, e.g. "topk:0.01+fp16".
     name: str
     #: Decoding gives back exactly what was encoded: error feedback has nothing to keep.
     lossless: bool = False
+    #: Sends a subset of the coordinates.
+    sparsifying: bool = False
+
+    def encode(self, name: str, tensor: torch.Tensor) -> EncodedTensor:
+        """Encode `tensor` (any device, float) as the wire form of parameter `name`.
+
+        Raises NonFiniteGradient for NaN or Inf: such a gradient must not be sent.
+        """
+        flat = tensor.detach().reshape(-1).to(torch.float32)
+        if flat.numel() and not bool(torch.isfinite(flat).all()):
+            raise NonFiniteGradient(f"gradient for {name!r} holds NaN or Inf: not encoded")
+        return self._encode(name, tuple(tensor.shape), flat)
 
     @abstractmethod
-    def encode(self, name: str, tensor: torch.Tensor) -> EncodedTensor:
-        """Encode `tensor` (any device, float) as the wire form of parameter `name`."""
+    def _encode(self, name: str, shape: tuple[int, ...], flat: torch.Tensor) -> EncodedTensor:
+        """Encode finite float32 `flat`."""
 
     @abstractmethod
     def payload_bytes(self, numel: int) -> int:
-        """Payload bytes this codec puts on the wire for a tensor of `numel` elements."""
+        """Payload bytes expected for a tensor of `numel` elements."""
+
+    @abstractmethod
+    def error_bound(self, tensor: torch.Tensor) -> float:
+        """The largest |decode(encode(tensor)) - tensor| (any coordinate) this codec allows."""
 
     def ratio(self, numel: int) -> float:
         """How many times fewer payload bytes than dense fp32."""
@@ -47,124 +196,199 @@ class Codec(ABC):
         return f"<codec {self.name}>"
 
 
-def _to_fp16(values: torch.Tensor) -> torch.Tensor:
-    # Clamp rather than overflow to Inf: the server refuses non-finite gradients, and with
-    # error feedback the clipped part is kept by the worker and sent later.
-    return values.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
+class DenseCodec(Codec):
+    def __init__(self, values: ValueCodec) -> None:
+        self.values = values
+        self.name = values.name
+        self.lossless = values.lossless
 
-
-class Float32Codec(Codec):
-    name = "none"
-    lossless = True
-
-    def encode(self, name: str, tensor: torch.Tensor) -> EncodedTensor:
-        return dense(name, tensor, torch.float32)
+    def _encode(self, name: str, shape: tuple[int, ...], flat: torch.Tensor) -> EncodedTensor:
+        values, scales, block = self.values.encode(flat.cpu())
+        return EncodedTensor(name, shape, Layout.DENSE, values, scales=scales, scale_block=block)
 
     def payload_bytes(self, numel: int) -> int:
-        return 4 * numel
+        return self.values.bytes_for(numel)
+
+    def error_bound(self, tensor: torch.Tensor) -> float:
+        flat = tensor.detach().reshape(-1).to(torch.float32).cpu()
+        return float(self.values.error_bound(flat).max()) if flat.numel() else 0.0
 
 
-class Float16Codec(Codec):
-    name = "fp16"
+def _spread_index_bytes(numel: int, k: int) -> int:
+    """Expected index bytes of k indices at random positions among numel (smallest encoding).
 
-    def encode(self, name: str, tensor: torch.Tensor) -> EncodedTensor:
-        flat = tensor.detach().reshape(-1).to(device="cpu", dtype=torch.float32)
-        return EncodedTensor(
-            name=name,
-            shape=tuple(tensor.shape),
-            layout=Layout.DENSE,
-            values=_to_fp16(flat).contiguous(),
-        )
+    Gaps between random positions are geometric with p = k / numel, and a gap takes one
+    more varint byte for each power of 128 it reaches: E[bytes] = sum_j P(gap >= 128**j).
+    """
+    if k == 0:
+        return 0
+    p = k / numel
+    per_index = sum((1 - p) ** (128**j - 1) for j in range(1, 10)) + 1.0
+    varint = math.ceil(k * per_index)
+    raw = k * (4 if numel < 2**31 else 8)
+    return min(varint, raw, (numel + 7) // 8)
 
-    def payload_bytes(self, numel: int) -> int:
-        return 2 * numel
 
+class Sparsifier(Codec):
+    """Sends k = ceil(ratio * numel) coordinates (at least one of a non-empty tensor)."""
 
-class TopKCodec(Codec):
-    """The k = ceil(ratio * numel) largest-magnitude coordinates, fp16 values."""
+    sparsifying = True
+    kind: str
 
-    def __init__(self, ratio: float) -> None:
+    def __init__(self, ratio: float, values: ValueCodec, seed: int = 0) -> None:
         if not 0.0 < ratio <= 1.0:
-            raise ConfigurationError(f"topk ratio must be in (0, 1], got {ratio}")
+            raise ConfigurationError(f"{self.kind} ratio must be in (0, 1], got {ratio}")
         self.keep = ratio
-        self.name = f"topk:{ratio:g}"
+        self.values = values
+        self.seed = seed
+        self.name = f"{self.kind}:{ratio:g}+{values.name}"
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def with_ratio(self, ratio: float) -> Sparsifier:
+        """The same codec keeping another fraction (sparsity warm-up)."""
+        return type(self)(ratio, self.values, self.seed)
 
     def k_for(self, numel: int) -> int:
-        return min(numel, max(1, math.ceil(self.keep * numel)))
+        return min(numel, max(1, math.ceil(self.keep * numel))) if numel else 0
 
-    def encode(self, name: str, tensor: torch.Tensor) -> EncodedTensor:
-        flat = tensor.detach().reshape(-1).to(dtype=torch.float32)
-        numel = flat.numel()
-        index_dtype = torch.int32 if numel < 2**31 else torch.int64
-        if numel == 0:
-            empty = torch.empty(0)
-            return EncodedTensor(
-                name=name,
-                shape=tuple(tensor.shape),
-                layout=Layout.SPARSE,
-                values=empty.to(torch.float16),
-                indices=empty.to(index_dtype),
-            )
-        k = self.k_for(numel)
-        _, indices = torch.topk(flat.abs(), k, sorted=False)
-        indices, _ = torch.sort(indices)  # ascending indices: friendlier to later index coding
-        values = flat[indices]
-        return EncodedTensor(
-            name=name,
-            shape=tuple(tensor.shape),
-            layout=Layout.SPARSE,
-            values=_to_fp16(values).cpu().contiguous(),
-            indices=indices.to(device="cpu", dtype=index_dtype).contiguous(),
-        )
+    @abstractmethod
+    def select(self, flat: torch.Tensor, k: int) -> torch.Tensor:
+        """Ascending flat indices of the coordinates to send."""
+
+    def _encode(self, name: str, shape: tuple[int, ...], flat: torch.Tensor) -> EncodedTensor:
+        k = self.k_for(flat.numel())
+        indices = self.select(flat, k) if k else torch.empty(0, dtype=torch.int64)
+        values, scales, block = self.values.encode(flat[indices].cpu())
+        return sparse(name, shape, indices, values, scales=scales, scale_block=block)
 
     def payload_bytes(self, numel: int) -> int:
-        index_size = 4 if numel < 2**31 else 8
-        return self.k_for(numel) * (2 + index_size) if numel else 0
+        k = self.k_for(numel)
+        return self.values.bytes_for(k) + _spread_index_bytes(numel, k)
+
+    def error_bound(self, tensor: torch.Tensor) -> float:
+        # Anything may be left out by a sparsifier that does not rank (randomk, approximate).
+        flat = tensor.detach().reshape(-1).to(torch.float32).cpu()
+        if not flat.numel():
+            return 0.0
+        return float(flat.abs().max() + self.values.error_bound(flat).max())
 
 
-_FACTORIES: dict[str, Callable[[str | None], Codec]] = {}
+def exact_topk(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Ascending indices of the k largest magnitudes."""
+    _, indices = torch.topk(flat.abs(), k, sorted=False)
+    return torch.sort(indices).values
 
 
-def register_codec(name: str, factory: Callable[[str | None], Codec]) -> None:
-    """Make `factory(argument)` available as `--compression name[:argument]`."""
-    _FACTORIES[name] = factory
+class TopK(Sparsifier):
+    kind = "topk"
+
+    def select(self, flat: torch.Tensor, k: int) -> torch.Tensor:
+        return exact_topk(flat, k)
+
+    def error_bound(self, tensor: torch.Tensor) -> float:
+        """A coordinate left out is no larger than the k-th largest magnitude."""
+        flat = tensor.detach().reshape(-1).to(torch.float32).cpu()
+        k = self.k_for(flat.numel())
+        if not flat.numel():
+            return 0.0
+        magnitudes = torch.sort(flat.abs(), descending=True).values
+        left_out = float(magnitudes[k]) if k < flat.numel() else 0.0
+        return max(left_out, float(self.values.error_bound(flat).max()))
 
 
-def _no_argument(cls: type[Codec]) -> Callable[[str | None], Codec]:
-    def make(argument: str | None) -> Codec:
-        if argument is not None:
-            raise ConfigurationError(f"codec {cls.name!r} takes no argument, got {argument!r}")
-        return cls()
+class ApproxTopK(Sparsifier):
+    """Top-k by an estimated threshold (as in Deep Gradient Compression): the
+    (1 - ratio) quantile of a random sample of magnitudes, then one pass over the
+    tensor to keep what exceeds it. When that keeps more than k the exact top-k of the
+    kept few is taken; when it keeps too few, the threshold is lowered and tried again.
+    Below `EXACT_BELOW` elements the exact selection is as fast, and is used."""
 
-    return make
+    kind = "approx-topk"
+    EXACT_BELOW = 1 << 16
+    SAMPLE = 1 << 14
+
+    def select(self, flat: torch.Tensor, k: int) -> torch.Tensor:
+        numel = flat.numel()
+        magnitudes = flat.abs()
+        if numel < self.EXACT_BELOW or k * 8 > numel:
+            return exact_topk(flat, k)
+        sample = magnitudes[torch.randint(numel, (self.SAMPLE,), generator=self._generator)]
+        fraction = k / numel
+        for _ in range(4):
+            rank = max(1, min(self.SAMPLE, math.ceil(self.SAMPLE * (1 - fraction))))
+            threshold = sample.kthvalue(rank).values
+            candidates = torch.nonzero(magnitudes >= threshold).squeeze(1)
+            if candidates.numel() >= k:
+                break
+            fraction *= 2  # the sample was unlucky: lower the threshold
+        else:
+            return exact_topk(flat, k)
+        if candidates.numel() > k:
+            _, best = torch.topk(magnitudes[candidates], k, sorted=False)
+            candidates = candidates[best]
+        return torch.sort(candidates).values
 
 
-def _topk(argument: str | None) -> Codec:
-    if argument is None:
-        raise ConfigurationError("topk needs a ratio, e.g. topk:0.01")
+class RandomK(Sparsifier):
+    kind = "randomk"
+
+    def select(self, flat: torch.Tensor, k: int) -> torch.Tensor:
+        numel = flat.numel()
+        if k * 4 > numel:
+            chosen = torch.randperm(numel, generator=self._generator)[:k]
+        else:
+            # Draw with replacement and drop repeats: O(k), not O(numel); rarely a few short.
+            chosen = torch.unique(torch.randint(numel, (k,), generator=self._generator))
+        return torch.sort(chosen).values
+
+
+_SPARSIFIERS: dict[str, type[Sparsifier]] = {"topk": TopK, "approx-topk": ApproxTopK, "randomk": RandomK}
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    sparsifier: str | None
+    ratio: float | None
+    values: str
+
+
+def parse_codec(spec: str) -> CodecSpec:
+    text = spec.strip().lower()
+    if text == "none":
+        text = "fp32"
+    head, plus, value_name = text.partition("+")
+    kind, colon, argument = head.partition(":")
+    if kind in _VALUE_CODECS and not colon and not plus:
+        return CodecSpec(None, None, kind)
+    if kind not in _SPARSIFIERS:
+        raise ConfigurationError(
+            f"unknown compression {spec!r}; choose one of {', '.join(codec_names())}"
+        )
+    if not colon:
+        raise ConfigurationError(f"{kind} needs a ratio, e.g. {kind}:0.01")
     try:
         ratio = float(argument)
     except ValueError as exc:
-        raise ConfigurationError(f"topk ratio must be a number, got {argument!r}") from exc
-    return TopKCodec(ratio)
-
-
-register_codec("none", _no_argument(Float32Codec))
-register_codec("fp16", _no_argument(Float16Codec))
-register_codec("topk", _topk)
+        raise ConfigurationError(f"{kind} ratio must be a number, got {argument!r}") from exc
+    value_name = value_name or "fp16"
+    if value_name not in _VALUE_CODECS:
+        raise ConfigurationError(
+            f"unknown value codec {value_name!r} in {spec!r}; choose one of {', '.join(_VALUE_CODECS)}"
+        )
+    return CodecSpec(kind, ratio, value_name)
 
 
 def codec_names() -> list[str]:
-    return sorted(_FACTORIES)
+    return ["none", *_VALUE_CODECS, *(f"{s}:RATIO[+VALUES]" for s in _SPARSIFIERS)]
 
 
-def codec_from_name(spec: str) -> Codec:
-    """Build a codec from `name` or `name:argument`, e.g. `fp16` or `topk:0.01`."""
-    name, _, argument = spec.partition(":")
-    factory = _FACTORIES.get(name.strip().lower())
-    if factory is None:
-        raise ConfigurationError(
-            f"unknown compression {spec!r}; choose one of {', '.join(codec_names())}"
-            " (topk takes a ratio, e.g. topk:0.01)"
-        )
-    return factory(argument.strip() if argument else None)
+def codec_from_name(spec: str, seed: int = 0) -> Codec:
+    """Build a codec from its name, e.g. `fp16`, `topk:0.001`, `randomk:0.01+int8`.
+
+    `seed` drives the randomness of approx-topk's samples and randomk's draws."""
+    parsed = parse_codec(spec)
+    values = _VALUE_CODECS[parsed.values]()
+    if parsed.sparsifier is None:
+        return DenseCodec(values)
+    return _SPARSIFIERS[parsed.sparsifier](parsed.ratio or 0.0, values, seed)
+

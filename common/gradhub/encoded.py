@@ -2,6 +2,11 @@
 
 This is the meeting point of codecs (which produce and read it) and the wire
 module (which turns it into protobuf and back); it knows torch, not protobuf.
+
+Values are float32, float16, bfloat16, or int8 with one float32 scale per
+`scale_block` values (blockwise absmax quantization). A sparse tensor's indices
+are kept as int64 for computing and as `index_blob`, their bytes in an
+`IndexEncoding`, for the wire.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from gradhub.errors import InvalidRequest
+from gradhub.index_coding import IndexEncoding, best_encoding
+from gradhub.index_coding import encode as encode_indices
 
 
 class Layout(enum.Enum):
@@ -30,7 +37,9 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
     "int8": torch.int8,
 }
-VALUE_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+FLOAT_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+#: Element types of values: floats, or int8 with scales.
+VALUE_DTYPES = FLOAT_DTYPES | {torch.int8}
 INDEX_DTYPES = frozenset({torch.int32, torch.int64})
 
 
@@ -42,8 +51,8 @@ def numel_of(shape: tuple[int, ...]) -> int:
 class EncodedTensor:
     """One named tensor in wire form.
 
-    `values` and `indices` are 1-D and contiguous. A dense tensor has numel(shape)
-    values and no indices; a sparse one has nnz flat indices and nnz values.
+    `values` (and `indices`) are 1-D and contiguous. A dense tensor has numel(shape)
+    values and no indices; a sparse one has nnz values at nnz ascending flat indices.
     """
 
     name: str
@@ -51,25 +60,42 @@ class EncodedTensor:
     layout: Layout
     values: torch.Tensor
     indices: torch.Tensor | None = None
+    index_encoding: IndexEncoding = IndexEncoding.RAW
+    #: The indices' bytes in `index_encoding` (what the wire carries).
+    index_blob: torch.Tensor | None = None
+    #: int8 values only: one float32 scale per `scale_block` values.
+    scales: torch.Tensor | None = None
+    scale_block: int = 0
 
     def __post_init__(self) -> None:
+        what = f"tensor {self.name!r}"
         if self.values.dim() != 1 or not self.values.is_contiguous():
-            raise InvalidRequest(f"tensor {self.name!r}: values must be 1-D and contiguous")
+            raise InvalidRequest(f"{what}: values must be 1-D and contiguous")
+        if self.values.dtype not in VALUE_DTYPES:
+            raise InvalidRequest(f"{what}: values of dtype {self.values.dtype} cannot travel")
+        if (self.values.dtype == torch.int8) != (self.scales is not None):
+            raise InvalidRequest(f"{what}: int8 values, and only they, come with scales")
+        if self.scales is not None:
+            blocks = -(-self.values.numel() // self.scale_block) if self.scale_block > 0 else -1
+            if self.scales.dim() != 1 or self.scales.numel() != blocks:
+                raise InvalidRequest(
+                    f"{what}: {self.scales.numel()} scales for {self.values.numel()} values "
+                    f"in blocks of {self.scale_block}"
+                )
         if self.layout is Layout.DENSE:
             if self.indices is not None:
-                raise InvalidRequest(f"tensor {self.name!r}: a dense tensor has no indices")
+                raise InvalidRequest(f"{what}: a dense tensor has no indices")
             if self.values.numel() != self.numel:
                 raise InvalidRequest(
-                    f"tensor {self.name!r}: {self.values.numel()} values for shape "
-                    f"{list(self.shape)} ({self.numel} elements)"
+                    f"{what}: {self.values.numel()} values for shape {list(self.shape)} "
+                    f"({self.numel} elements)"
                 )
         else:
             if self.indices is None or self.indices.dim() != 1:
-                raise InvalidRequest(f"tensor {self.name!r}: a sparse tensor needs 1-D indices")
+                raise InvalidRequest(f"{what}: a sparse tensor needs 1-D indices")
             if self.indices.numel() != self.values.numel():
                 raise InvalidRequest(
-                    f"tensor {self.name!r}: {self.indices.numel()} indices but "
-                    f"{self.values.numel()} values"
+                    f"{what}: {self.indices.numel()} indices but {self.values.numel()} values"
                 )
 
     @property
@@ -81,20 +107,42 @@ class EncodedTensor:
         return self.values.numel()
 
     @property
+    def index_bytes(self) -> int:
+        if self.indices is None:
+            return 0
+        if self.index_blob is not None:
+            return self.index_blob.numel()
+        return self.indices.numel() * self.indices.element_size()
+
+    @property
     def byte_length(self) -> int:
-        size = self.values.numel() * self.values.element_size()
-        if self.indices is not None:
-            size += self.indices.numel() * self.indices.element_size()
+        size = self.values.numel() * self.values.element_size() + self.index_bytes
+        if self.scales is not None:
+            size += self.scales.numel() * self.scales.element_size()
         return size
 
+    def is_finite(self) -> bool:
+        """No NaN or Inf among the values or their scales."""
+        if self.values.is_floating_point() and self.nnz and not bool(torch.isfinite(self.values).all()):
+            return False
+        return self.scales is None or bool(torch.isfinite(self.scales).all())
+
+    def float_values(self) -> torch.Tensor:
+        """The values as float32 (int8 values dequantized)."""
+        if self.scales is None:
+            return self.values.to(torch.float32)
+        scales = self.scales.to(torch.float32).repeat_interleave(self.scale_block)[: self.nnz]
+        return self.values.to(torch.float32) * scales
+
     def to_dense(self) -> torch.Tensor:
-        """The fp32 dense tensor this stands for (duplicate sparse indices add up)."""
+        """The fp32 dense tensor this stands for."""
+        values = self.float_values()
         if self.layout is Layout.DENSE:
-            return self.values.to(torch.float32).view(self.shape)
+            return values.view(self.shape)
         if self.indices is None:  # unreachable: __post_init__ checks it
             raise InvalidRequest(f"tensor {self.name!r}: sparse without indices")
         flat = torch.zeros(self.numel, dtype=torch.float32)
-        flat.index_add_(0, self.indices.to(torch.int64), self.values.to(torch.float32))
+        flat.index_add_(0, self.indices.to(torch.int64), values)
         return flat.view(self.shape)
 
 
@@ -102,3 +150,30 @@ def dense(name: str, tensor: torch.Tensor, dtype: torch.dtype = torch.float32) -
     """A dense EncodedTensor of `tensor` converted to `dtype` (no copy when it already is)."""
     flat = tensor.detach().reshape(-1).to(device="cpu", dtype=dtype).contiguous()
     return EncodedTensor(name=name, shape=tuple(tensor.shape), layout=Layout.DENSE, values=flat)
+
+
+def sparse(
+    name: str,
+    shape: tuple[int, ...],
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    encoding: IndexEncoding | None = None,
+    scales: torch.Tensor | None = None,
+    scale_block: int = 0,
+) -> EncodedTensor:
+    """A sparse EncodedTensor; `indices` ascending and unique. The index encoding is the
+    smallest for these indices unless one is given."""
+    numel = numel_of(shape)
+    indices = indices.detach().to(device="cpu", dtype=torch.int64).contiguous()
+    chosen = encoding or best_encoding(indices, numel)
+    return EncodedTensor(
+        name=name,
+        shape=shape,
+        layout=Layout.SPARSE,
+        values=values.detach().cpu().contiguous(),
+        indices=indices,
+        index_encoding=chosen,
+        index_blob=encode_indices(indices, numel, chosen),
+        scales=scales,
+        scale_block=scale_block,
+    )

@@ -16,9 +16,18 @@ from typing import Protocol
 
 import torch
 
+from gradhub import index_coding
 from gradhub.domain import ParameterSnapshot, Push, PushMeta, PushResult
-from gradhub.encoded import INDEX_DTYPES, VALUE_DTYPES, EncodedTensor, Layout, numel_of
+from gradhub.encoded import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    VALUE_DTYPES,
+    EncodedTensor,
+    Layout,
+    numel_of,
+)
 from gradhub.errors import InvalidRequest, PayloadTooLarge
+from gradhub.index_coding import IndexEncoding
 from gradhub.v1 import parameter_server_pb2 as pb
 
 #: Payload bytes per message. 1 MiB measured best for gRPC Python streaming; far under
@@ -36,7 +45,14 @@ _TO_PROTO_DTYPE: dict[torch.dtype, pb.DType] = {
 }
 _FROM_PROTO_DTYPE: dict[int, torch.dtype] = {v: k for k, v in _TO_PROTO_DTYPE.items()}
 _TO_PROTO_LAYOUT = {Layout.DENSE: pb.LAYOUT_DENSE, Layout.SPARSE: pb.LAYOUT_SPARSE}
-_FROM_PROTO_LAYOUT = {v: k for k, v in _TO_PROTO_LAYOUT.items()}
+_TO_PROTO_INDEX_ENCODING = {
+    IndexEncoding.RAW: pb.INDEX_ENCODING_RAW,
+    IndexEncoding.DELTA_VARINT: pb.INDEX_ENCODING_DELTA_VARINT,
+    IndexEncoding.BITMAP: pb.INDEX_ENCODING_BITMAP,
+}
+_FROM_PROTO_INDEX_ENCODING = {v: k for k, v in _TO_PROTO_INDEX_ENCODING.items()}
+#: The longest LEB128 varint an index can take.
+_VARINT_MAX_BYTES = 10
 _MAX_DIMS = 8
 
 
@@ -76,19 +92,31 @@ def spec_to_proto(tensor: EncodedTensor) -> pb.TensorSpec:
     )
     if tensor.indices is not None:
         spec.nnz = tensor.nnz
-        spec.index_dtype = dtype_to_proto(tensor.indices.dtype)
+        spec.index_encoding = _TO_PROTO_INDEX_ENCODING[tensor.index_encoding]
+        spec.index_bytes = tensor.index_bytes
+        if tensor.index_encoding is IndexEncoding.RAW:
+            raw = tensor.indices.dtype if tensor.index_blob is None else index_coding.raw_dtype(tensor.numel)
+            spec.index_dtype = dtype_to_proto(raw)
+    if tensor.scales is not None:
+        spec.scale_block = tensor.scale_block
     return spec
 
 
+def _as_bytes(part: torch.Tensor) -> memoryview:
+    return part.contiguous().view(torch.uint8).numpy().data
+
+
 def _segments(tensors: Sequence[EncodedTensor]) -> list[memoryview]:
-    """Byte views of the payload's parts, in order, without copying."""
+    """Byte views of the payload's parts, in order (indices, scales, values), without copying."""
     views: list[memoryview] = []
     for tensor in tensors:
-        parts = (tensor.indices, tensor.values) if tensor.indices is not None else (tensor.values,)
-        for part in parts:
-            if part.numel():
-                views.append(part.contiguous().view(torch.uint8).numpy().data)
-    return views
+        if tensor.indices is not None:
+            blob = tensor.index_blob if tensor.index_blob is not None else tensor.indices
+            views.append(_as_bytes(blob))
+        if tensor.scales is not None:
+            views.append(_as_bytes(tensor.scales.to(torch.float32)))
+        views.append(_as_bytes(tensor.values))
+    return [view for view in views if len(view)]
 
 
 def _chunks(tensors: Sequence[EncodedTensor], chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
@@ -191,7 +219,7 @@ def pull_dtype(value: int) -> torch.dtype:
     if value == pb.DTYPE_UNSPECIFIED:
         return torch.float32
     dtype = dtype_from_proto(value, "pull")
-    if dtype not in VALUE_DTYPES:
+    if dtype not in FLOAT_DTYPES:
         raise InvalidRequest(f"parameters cannot be pulled as {dtype}")
     return dtype
 
@@ -207,9 +235,17 @@ class _Declared:
     shape: tuple[int, ...]
     layout: Layout
     dtype: torch.dtype
-    index_dtype: torch.dtype | None
     count: int  # values (and indices, when sparse)
+    index_encoding: IndexEncoding
+    index_dtype: torch.dtype | None
+    index_bytes: int
+    scale_block: int
+    scale_count: int
     byte_length: int
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
 
 
 def _read_spec(spec: pb.TensorSpec, position: int) -> _Declared:
@@ -220,28 +256,48 @@ def _read_spec(spec: pb.TensorSpec, position: int) -> _Declared:
     numel = numel_of(shape)
     dtype = dtype_from_proto(spec.dtype, what)
     if dtype not in VALUE_DTYPES:
-        raise InvalidRequest(f"{what}: values must be float32, float16 or bfloat16, not {dtype}")
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+        raise InvalidRequest(f"{what}: values must be float32, float16, bfloat16 or int8, not {dtype}")
     if spec.layout == pb.LAYOUT_DENSE:
-        if spec.nnz or spec.index_dtype:
-            raise InvalidRequest(f"{what}: a dense tensor declares no nnz or index dtype")
-        layout, index_dtype, count, expected = Layout.DENSE, None, numel, numel * itemsize
+        if spec.nnz or spec.index_dtype or spec.index_encoding or spec.index_bytes:
+            raise InvalidRequest(f"{what}: a dense tensor declares no indices")
+        layout, count, encoding, index_dtype, index_bytes = Layout.DENSE, numel, IndexEncoding.RAW, None, 0
     elif spec.layout == pb.LAYOUT_SPARSE:
-        index_dtype = dtype_from_proto(spec.index_dtype, f"{what} indices")
-        if index_dtype not in INDEX_DTYPES:
-            raise InvalidRequest(f"{what}: indices must be int32 or int64, not {index_dtype}")
         if spec.nnz > numel:
             raise InvalidRequest(f"{what}: nnz {spec.nnz} exceeds its {numel} elements")
-        index_size = torch.empty(0, dtype=index_dtype).element_size()
-        layout, count = Layout.SPARSE, int(spec.nnz)
-        expected = count * (itemsize + index_size)
+        layout, count, index_bytes = Layout.SPARSE, int(spec.nnz), int(spec.index_bytes)
+        try:
+            encoding = _FROM_PROTO_INDEX_ENCODING[spec.index_encoding]
+        except KeyError:
+            raise InvalidRequest(f"{what}: unknown index encoding {spec.index_encoding}") from None
+        index_dtype = None
+        if encoding is IndexEncoding.RAW:
+            index_dtype = dtype_from_proto(spec.index_dtype, f"{what} indices")
+            if index_dtype not in INDEX_DTYPES:
+                raise InvalidRequest(f"{what}: indices must be int32 or int64, not {index_dtype}")
+            expected = count * _itemsize(index_dtype)
+        elif encoding is IndexEncoding.BITMAP:
+            expected = (numel + 7) // 8
+        else:
+            expected = index_bytes if count <= index_bytes <= _VARINT_MAX_BYTES * count else -1
+        if index_bytes != expected:
+            raise InvalidRequest(
+                f"{what}: {index_bytes} index bytes do not fit {count} indices in {encoding.value}"
+            )
     else:
         raise InvalidRequest(f"{what}: unknown or unspecified layout {spec.layout}")
-    if spec.byte_length != expected:
+    scale_block = int(spec.scale_block)
+    if (dtype == torch.int8) != (scale_block > 0):
+        raise InvalidRequest(f"{what}: int8 values need a scale block, and only they have one")
+    scale_count = -(-count // scale_block) if scale_block else 0
+    needed = index_bytes + 4 * scale_count + count * _itemsize(dtype)
+    if spec.byte_length != needed:
         raise InvalidRequest(
-            f"{what}: declares {spec.byte_length} bytes, its shape and dtypes need {expected}"
+            f"{what}: declares {spec.byte_length} bytes, its shape and encodings need {needed}"
         )
-    return _Declared(spec.name, shape, layout, dtype, index_dtype, count, expected)
+    return _Declared(
+        spec.name, shape, layout, dtype, count, encoding, index_dtype, index_bytes,
+        scale_block, scale_count, needed,
+    )
 
 
 def _read_specs(
@@ -302,7 +358,7 @@ class _Assembler:
         return self._buffer
 
 
-def _decode(buffer: bytearray, layouts: Sequence[_Declared]) -> tuple[EncodedTensor, ...]:
+def _decode(buffer: bytearray, declared: Sequence[_Declared]) -> tuple[EncodedTensor, ...]:
     tensors: list[EncodedTensor] = []
     offset = 0
 
@@ -314,18 +370,21 @@ def _decode(buffer: bytearray, layouts: Sequence[_Declared]) -> tuple[EncodedTen
         offset += part.numel() * part.element_size()
         return part
 
-    for layout in layouts:
-        indices = None
-        if layout.layout is Layout.SPARSE and layout.index_dtype is not None:
-            indices = take(layout.index_dtype, layout.count)
-            numel = numel_of(layout.shape)
-            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
-                raise InvalidRequest(
-                    f"tensor {layout.name!r}: indices outside [0, {numel}) "
-                    f"(min {int(indices.min())}, max {int(indices.max())})"
-                )
-        values = take(layout.dtype, layout.count)
-        tensors.append(EncodedTensor(layout.name, layout.shape, layout.layout, values, indices))
+    for d in declared:
+        indices = blob = None
+        if d.layout is Layout.SPARSE:
+            blob = take(torch.uint8, d.index_bytes)
+            indices = index_coding.decode(
+                blob, d.count, numel_of(d.shape), d.index_encoding, f"tensor {d.name!r}", d.index_dtype
+            )
+        scales = take(torch.float32, d.scale_count) if d.scale_block else None
+        values = take(d.dtype, d.count)
+        tensors.append(
+            EncodedTensor(
+                d.name, d.shape, d.layout, values, indices, d.index_encoding,
+                index_blob=blob, scales=scales, scale_block=d.scale_block,
+            )
+        )
     return tuple(tensors)
 
 

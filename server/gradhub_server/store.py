@@ -91,7 +91,7 @@ class ParameterStore:
                     f"gradient for {name!r} has shape {list(tensor.shape)}, "
                     f"the parameter has shape {list(expected)}"
                 )
-            if tensor.values.numel() and not bool(torch.isfinite(tensor.values).all()):
+            if not tensor.is_finite():
                 raise NonFiniteGradient(f"gradient for {name!r} holds NaN or Inf")
 
     def snapshot(self, dtype: torch.dtype = torch.float32) -> ParameterSnapshot:

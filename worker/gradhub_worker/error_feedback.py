@@ -40,7 +40,7 @@ class ErrorFeedback:
         if sent.layout is Layout.SPARSE and sent.indices is not None:
             remainder = accumulated.detach().clone().reshape(-1)
             indices = sent.indices.to(device=remainder.device, dtype=torch.int64)
-            remainder.index_add_(0, indices, -sent.values.to(device=remainder.device, dtype=torch.float32))
+            remainder.index_add_(0, indices, -sent.float_values().to(remainder.device))
             return remainder.view(accumulated.shape)
         return accumulated - sent.to_dense().to(accumulated.device)
 

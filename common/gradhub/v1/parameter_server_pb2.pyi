@@ -23,6 +23,12 @@ class Layout(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LAYOUT_UNSPECIFIED: _ClassVar[Layout]
     LAYOUT_DENSE: _ClassVar[Layout]
     LAYOUT_SPARSE: _ClassVar[Layout]
+
+class IndexEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INDEX_ENCODING_RAW: _ClassVar[IndexEncoding]
+    INDEX_ENCODING_DELTA_VARINT: _ClassVar[IndexEncoding]
+    INDEX_ENCODING_BITMAP: _ClassVar[IndexEncoding]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
@@ -34,9 +40,12 @@ DTYPE_INT8: DType
 LAYOUT_UNSPECIFIED: Layout
 LAYOUT_DENSE: Layout
 LAYOUT_SPARSE: Layout
+INDEX_ENCODING_RAW: IndexEncoding
+INDEX_ENCODING_DELTA_VARINT: IndexEncoding
+INDEX_ENCODING_BITMAP: IndexEncoding
 
 class TensorSpec(_message.Message):
-    __slots__ = ("name", "shape", "dtype", "layout", "nnz", "index_dtype", "byte_length")
+    __slots__ = ("name", "shape", "dtype", "layout", "nnz", "index_dtype", "byte_length", "index_encoding", "index_bytes", "scale_block")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +53,9 @@ class TensorSpec(_message.Message):
     NNZ_FIELD_NUMBER: _ClassVar[int]
     INDEX_DTYPE_FIELD_NUMBER: _ClassVar[int]
     BYTE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    INDEX_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    INDEX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SCALE_BLOCK_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: DType
@@ -51,7 +63,10 @@ class TensorSpec(_message.Message):
     nnz: int
     index_dtype: DType
     byte_length: int
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., layout: _Optional[_Union[Layout, str]] = ..., nnz: _Optional[int] = ..., index_dtype: _Optional[_Union[DType, str]] = ..., byte_length: _Optional[int] = ...) -> None: ...
+    index_encoding: IndexEncoding
+    index_bytes: int
+    scale_block: int
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., layout: _Optional[_Union[Layout, str]] = ..., nnz: _Optional[int] = ..., index_dtype: _Optional[_Union[DType, str]] = ..., byte_length: _Optional[int] = ..., index_encoding: _Optional[_Union[IndexEncoding, str]] = ..., index_bytes: _Optional[int] = ..., scale_block: _Optional[int] = ...) -> None: ...
 
 class PushHeader(_message.Message):
     __slots__ = ("run_id", "worker_id", "seq", "base_version", "tensors", "payload_bytes", "loss", "samples", "pull_dtype")

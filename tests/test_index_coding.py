@@ -1,0 +1,78 @@
+"""Index encodings: exact round trips, the sizes they claim, and refusal of malformed bytes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gradhub import index_coding as ic
+from gradhub.errors import InvalidRequest
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@st.composite
+def sorted_indices(draw: st.DrawFn) -> tuple[torch.Tensor, int]:
+    numel = draw(st.integers(1, 5000))
+    chosen = draw(st.sets(st.integers(0, numel - 1), max_size=min(numel, 400)))
+    return torch.tensor(sorted(chosen), dtype=torch.int64), numel
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=sorted_indices(), encoding=st.sampled_from(list(ic.IndexEncoding)))
+def test_every_encoding_round_trips_exactly_in_the_size_it_states(case, encoding):
+    indices, numel = case
+    blob = ic.encode(indices, numel, encoding)
+    assert blob.dtype == torch.uint8
+    assert blob.numel() == ic.encoded_size(indices, numel, encoding)
+    decoded = ic.decode(blob, indices.numel(), numel, encoding, "t")
+    assert torch.equal(decoded, indices)
+
+
+def test_best_encoding_follows_density():
+    numel = 1_000_000
+    sparse = torch.arange(0, numel, 1000)  # 0.1 %: gaps of 1,000 -> 2-byte varints
+    assert ic.best_encoding(sparse, numel) is ic.IndexEncoding.DELTA_VARINT
+    assert ic.encoded_size(sparse, numel, ic.IndexEncoding.DELTA_VARINT) == 2 * len(sparse) - 1
+    dense = torch.arange(0, numel, 3)  # a third of the elements: the bitmap wins
+    assert ic.best_encoding(dense, numel) is ic.IndexEncoding.BITMAP
+
+
+def test_large_gaps_and_large_tensors():
+    numel = 2**34
+    indices = torch.tensor([0, 5, 2**20, 2**33 + 7, numel - 1])
+    blob = ic.encode(indices, numel, ic.IndexEncoding.DELTA_VARINT)
+    assert torch.equal(ic.decode(blob, 5, numel, ic.IndexEncoding.DELTA_VARINT, "t"), indices)
+    raw = ic.encode(indices, numel, ic.IndexEncoding.RAW)
+    assert raw.numel() == 5 * 8
+
+
+@pytest.mark.parametrize(
+    "data, nnz, numel, message",
+    [
+        (bytes([0x85]), 1, 100, "malformed varints"),  # continuation bit on the last byte
+        (bytes([5, 0]), 2, 100, "strictly increasing"),  # a zero gap: a repeated index
+        (bytes([99, 1]), 2, 100, "outside"),  # 99 + 1 = 100 is past the end
+        (bytes([0x80] * 11 + [1]), 1, 100, "cannot hold"),
+        (bytes([0xFF] * 9 + [0x7F]), 1, 100, "gap"),  # a huge gap
+        (bytes([1, 2, 3]), 2, 100, "malformed varints"),  # three values where two were declared
+        (b"", 1, 100, "cannot hold"),
+    ],
+)
+def test_malformed_varints_are_refused(data, nnz, numel, message):
+    with pytest.raises(InvalidRequest, match=message):
+        ic.decode(data, nnz, numel, ic.IndexEncoding.DELTA_VARINT, "t")
+
+
+def test_malformed_bitmaps_and_raw_indices_are_refused():
+    with pytest.raises(InvalidRequest, match="bits set past"):
+        ic.decode(bytes([0b1000_0000]), 1, 7, ic.IndexEncoding.BITMAP, "t")
+    with pytest.raises(InvalidRequest, match="marks 2 elements"):
+        ic.decode(bytes([0b11]), 1, 8, ic.IndexEncoding.BITMAP, "t")
+    with pytest.raises(InvalidRequest, match="bitmap of 2 bytes"):
+        ic.decode(bytes(2), 0, 8, ic.IndexEncoding.BITMAP, "t")
+    with pytest.raises(InvalidRequest, match="outside"):
+        ic.decode(np.array([3, 100], dtype=np.int32).tobytes(), 2, 100, ic.IndexEncoding.RAW, "t")
