@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from gradhub.codecs import parse_codec
 from gradhub.errors import ConfigurationError
 
 MODES = ("sync", "async")
@@ -54,8 +55,18 @@ class RunConfig:
     lr_schedule: str = "step"
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    #: Gradient codec name: none | fp16 | topk:RATIO.
+    #: Gradient codec name (see gradhub.codecs): none | fp16 | bf16 | int8 | topk:R[+V] | ...
     compression: str = "fp16"
+    #: DGC momentum correction: workers keep momentum (and weight decay) and push their
+    #: accumulated velocity; the server takes plain SGD steps. auto: on for sparsifying codecs.
+    momentum_correction: str = "auto"
+    #: DGC momentum factor masking: zero the momentum of coordinates just sent.
+    momentum_masking: bool = True
+    #: Local gradient clipping: each worker scales its gradient to at most this L2 norm (0: off).
+    clip_norm: float = 0.0
+    #: Sparsity warm-up: over the first N versions the kept fraction falls exponentially
+    #: from 25 % to the codec's ratio (0: off).
+    sparsity_warmup: int = 0
     #: Async only: a push staler than this many versions is refused.
     max_staleness: int = 16
     #: Samples per worker per step.
@@ -79,6 +90,16 @@ class RunConfig:
             problems.append(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not self.lr > 0:
             problems.append(f"lr must be positive, got {self.lr}")
+        if self.momentum_correction not in ("auto", "on", "off"):
+            problems.append(f"momentum_correction must be auto, on or off, got {self.momentum_correction!r}")
+        elif self.momentum_correction == "on" and self.optimizer != "sgd":
+            problems.append("momentum correction needs optimizer sgd")
+        if self.clip_norm < 0 or self.sparsity_warmup < 0:
+            problems.append("clip_norm and sparsity_warmup must be >= 0")
+        try:
+            parse_codec(self.compression)
+        except ConfigurationError as exc:
+            problems.append(str(exc))
         if self.max_staleness < 0:
             problems.append(f"max_staleness must be >= 0, got {self.max_staleness}")
         if not self.lease_seconds > 0:
@@ -102,6 +123,13 @@ class RunConfig:
         if unknown:
             raise ConfigurationError(f"unknown configuration keys: {sorted(unknown)}")
         return cls(**data)
+
+
+def momentum_on_workers(config: RunConfig) -> bool:
+    """Whether DGC momentum correction is on: workers keep momentum and weight decay."""
+    if config.momentum_correction == "auto":
+        return config.optimizer == "sgd" and parse_codec(config.compression).sparsifier is not None
+    return config.momentum_correction == "on"
 
 
 def env_name(dest: str) -> str:
@@ -132,6 +160,15 @@ def apply_env_defaults(parser: argparse.ArgumentParser) -> None:
         action.required = False
 
 
+def _on_off(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("on", "true", "1", "yes"):
+        return True
+    if value in ("off", "false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
 def parse_json_object(text: str) -> dict[str, Any]:
     """argparse type for --model-kwargs."""
     try:
@@ -159,7 +196,17 @@ def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
                        help="constant, step (x0.1 for the last quarter of steps) or cosine (default step)")
     group.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
     group.add_argument("--weight-decay", type=float, help="weight decay (default 5e-4)")
-    group.add_argument("--compression", help="gradient codec: none | fp16 | topk:RATIO (default fp16)")
+    group.add_argument("--compression",
+                       help="gradient codec: none | fp16 | bf16 | int8 | topk:R[+V] | approx-topk:R[+V] | "
+                            "randomk:R[+V], V one of fp32 fp16 bf16 int8 (default fp16)")
+    group.add_argument("--momentum-correction", choices=("auto", "on", "off"),
+                       help="DGC: momentum on the workers, plain SGD on the server (default auto: on for "
+                            "sparsifying codecs)")
+    group.add_argument("--momentum-masking", type=_on_off,
+                       help="DGC: zero the momentum of coordinates just sent, on|off (default on)")
+    group.add_argument("--clip-norm", type=float, help="local gradient clipping to this L2 norm (default 0: off)")
+    group.add_argument("--sparsity-warmup", type=int,
+                       help="versions over which the kept fraction falls from 25%% to the codec's (default 0)")
     group.add_argument("--max-staleness", type=int, help="async: refuse pushes staler than this (default 16)")
     group.add_argument("--batch-size", type=int, help="samples per worker per step (default 50)")
     group.add_argument("--seed", type=int, help="seed of initialisation and data order (default 0)")
@@ -169,7 +216,8 @@ def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 _RUN_FLAG_FIELDS = (
     "mode", "workers", "steps", "model", "model_kwargs", "dataset", "optimizer", "lr", "lr_schedule",
-    "momentum", "weight_decay", "compression", "max_staleness", "batch_size", "seed",
+    "momentum", "weight_decay", "compression", "momentum_correction", "momentum_masking", "clip_norm",
+    "sparsity_warmup", "max_staleness", "batch_size", "seed",
     "eval_every", "lease_seconds",
 )
 

@@ -35,7 +35,7 @@ from gradhub_server.report import MetricsLog, summary, write_run_folder
 from gradhub_server.schedules import schedule_from_name
 from gradhub_server.servicer import ParameterServerServicer
 from gradhub_server.stats import ServerStats
-from gradhub_server.store import ParameterStore, build_optimizer
+from gradhub_server.store import ParameterStore, build_rule
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class ServerApp:
             raise ConfigurationError(f"model {config.model!r} has no parameters")
         self.store = ParameterStore(
             model,
-            build_optimizer(config, list(model.parameters())),
+            build_rule(config, list(model.parameters())),
             config.steps,
             schedule_from_name(config.lr_schedule),
         )

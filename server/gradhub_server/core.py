@@ -17,6 +17,7 @@ import torch
 
 from gradhub.config import RunConfig
 from gradhub.domain import ParameterSnapshot, Push, PushResult
+from gradhub.encoded import EncodedTensor, Layout
 from gradhub.errors import (
     DuplicatePush,
     FuturePush,
@@ -31,11 +32,19 @@ from gradhub_server.membership import Membership
 from gradhub_server.policies import Submission, UpdatePolicy
 from gradhub_server.stats import ServerStats
 from gradhub_server.store import ParameterStore
+from gradhub_server.update_rules import Gradient, SparseGradient
 
 log = logging.getLogger(__name__)
 
 #: Longest a push may wait in a barrier, or a pull for a version, when the caller set no deadline.
 DEFAULT_WAIT_S = 60.0
+
+
+def to_gradient(tensor: EncodedTensor) -> Gradient:
+    """A decoded push tensor as the update rules take it: sparse stays sparse (O(k))."""
+    if tensor.layout is Layout.SPARSE and tensor.indices is not None:
+        return SparseGradient(tensor.indices.to(torch.int64), tensor.float_values())
+    return tensor.to_dense()
 
 
 class ParameterServerCore:
@@ -84,7 +93,7 @@ class ParameterServerCore:
                     f"worker {meta.worker_id!r} push seq {meta.seq} already seen (last {last})"
                 )
             self._last_seq[meta.worker_id] = meta.seq
-        gradient = [t.to_dense() for t in push.tensors]
+        gradient = [to_gradient(t) for t in push.tensors]
         return self.policy.submit(
             Submission(push=push, gradient=gradient, rank=rank), timeout or DEFAULT_WAIT_S
         )

@@ -31,6 +31,7 @@ from gradhub.retry import Deadline
 from gradhub_server.membership import Membership
 from gradhub_server.stats import ServerStats
 from gradhub_server.store import ParameterStore
+from gradhub_server.update_rules import Gradient, SparseGradient
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,35 @@ BARRIER_TICK_S = 0.1
 @dataclass(frozen=True)
 class Submission:
     push: Push
-    gradient: Sequence[torch.Tensor]
+    gradient: Sequence[Gradient]
     rank: int
+
+
+def mean_gradient(gradients: Sequence[Sequence[Gradient]], shapes: Sequence[torch.Size]) -> list[Gradient]:
+    """The mean of W workers' gradients, parameter by parameter, summed in the given order.
+
+    Sparse stays sparse (the indices of all workers, values divided by W: O(W k)); a
+    parameter with any dense gradient is summed densely and divided by W.
+    """
+    count = len(gradients)
+    mean: list[Gradient] = []
+    for position, shape in enumerate(shapes):
+        parts = [g[position] for g in gradients]
+        if all(isinstance(part, SparseGradient) for part in parts):
+            sparse_parts = [part for part in parts if isinstance(part, SparseGradient)]
+            mean.append(
+                SparseGradient(
+                    torch.cat([part.indices for part in sparse_parts]),
+                    torch.cat([part.values for part in sparse_parts]) / count,
+                )
+            )
+            continue
+        dense = [part.to_dense(shape) if isinstance(part, SparseGradient) else part for part in parts]
+        total = dense[0].clone()
+        for part in dense[1:]:
+            total.add_(part)
+        mean.append(total.div_(count))
+    return mean
 
 
 class UpdatePolicy(ABC):
@@ -128,13 +156,7 @@ class SyncPolicy(UpdatePolicy):
         if any(worker not in self._pending for worker in live):
             return
         entries = sorted(self._pending.values(), key=lambda s: (s.rank, s.push.meta.worker_id))
-        mean = [g.clone() for g in entries[0].gradient]
-        for entry in entries[1:]:
-            for acc, g in zip(mean, entry.gradient):
-                acc.add_(g)
-        for acc in mean:
-            acc.div_(len(entries))
-        self.store.apply(mean)
+        self.store.apply(mean_gradient([e.gradient for e in entries], self.store.shapes))
         for entry in entries:
             self.stats.record_applied(entry.push, staleness=0, rank=entry.rank)
         self._pending.clear()

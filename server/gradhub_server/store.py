@@ -1,50 +1,64 @@
-"""The parent model: parameters, the server-side optimizer, and the version counter.
+"""The parent model: parameters, the server-side update rule, and the version counter.
 
 Everything that changes the model goes through `apply`, under one lock, after
 the caller validated the gradient with `validate`: a push that fails validation
 never reaches the parameters. Pullers get immutable snapshots, built once per
 (version, dtype) and shared, so W workers pulling one version copy the model once.
+
+The store also remembers, for the last `history` versions, which coordinates each
+update touched (all of them for a dense update), so that a worker holding version v
+can be sent only what changed since (`changed_since`).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from gradhub.config import RunConfig
+from gradhub.config import RunConfig, momentum_on_workers
 from gradhub.domain import ParameterSnapshot
 from gradhub.encoded import EncodedTensor, dense
-from gradhub.errors import ConfigurationError, InvalidRequest, NonFiniteGradient, RunFinished
+from gradhub.errors import InvalidRequest, NonFiniteGradient, RunFinished
 from gradhub_server.schedules import Schedule, constant
+from gradhub_server.update_rules import Gradient, SparseGradient, UpdateRule, build_update_rule
 
 
-def build_optimizer(config: RunConfig, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    raise ConfigurationError(f"unknown optimizer {config.optimizer!r}")
+def build_rule(config: RunConfig, params: Sequence[nn.Parameter]) -> UpdateRule:
+    """The server's rule. Under momentum correction, momentum and weight decay live on the
+    workers (DGC), and the server takes plain SGD steps: exact and O(k) for sparse pushes."""
+    if momentum_on_workers(config):
+        return build_update_rule("sgd", params, config.lr, momentum=0.0, weight_decay=0.0)
+    return build_update_rule(config.optimizer, params, config.lr, config.momentum, config.weight_decay)
+
+
+def _union(parts: list[torch.Tensor] | None) -> torch.Tensor | None:
+    if parts is None:
+        return None
+    if not parts:
+        return torch.empty(0, dtype=torch.int64)
+    return torch.unique(torch.cat(parts))
 
 
 class ParameterStore:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        rule: UpdateRule,
         steps: int,
         schedule: Schedule = constant,
+        history: int = 64,
     ) -> None:
         self.model = model
-        self.optimizer = optimizer
+        self.rule = rule
         self.steps = steps
         self._schedule = schedule
-        self._base_lrs = [group["lr"] for group in optimizer.param_groups]
+        #: (version, per parameter: flat indices the update to that version touched, or None: all)
+        self._changes: deque[tuple[int, list[torch.Tensor | None]]] = deque(maxlen=history)
         self._named = [(name, p) for name, p in model.named_parameters()]
         self._shapes = {name: tuple(p.shape) for name, p in self._named}
         self._version = 0
@@ -68,6 +82,10 @@ class ParameterStore:
     @property
     def names(self) -> list[str]:
         return [name for name, _ in self._named]
+
+    @property
+    def shapes(self) -> list[torch.Size]:
+        return [p.shape for _, p in self._named]
 
     @property
     def numel(self) -> int:
@@ -116,6 +134,26 @@ class ParameterStore:
         with self._lock:
             return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
+    def changed_since(self, version: int) -> list[torch.Tensor | None] | None:
+        """Per parameter, the unique flat indices changed after `version` (None: maybe all);
+        None when the history does not reach back that far."""
+        with self._lock:
+            if version > self._version:
+                return None
+            if version < self._version and (not self._changes or self._changes[0][0] > version + 1):
+                return None
+            touched: list[list[torch.Tensor] | None] = [[] for _ in self._named]
+            for changed_version, per_param in self._changes:
+                if changed_version <= version:
+                    continue
+                for i, indices in enumerate(per_param):
+                    parts = touched[i]
+                    if indices is None:
+                        touched[i] = None
+                    elif parts is not None:
+                        parts.append(indices)
+        return [_union(parts) for parts in touched]
+
     def versioned_parameters(self) -> tuple[int, list[torch.Tensor]]:
         """A copy of the parameters with the version they belong to, read atomically."""
         with self._lock:
@@ -123,20 +161,18 @@ class ParameterStore:
 
     # --- changing -------------------------------------------------------------------------
 
-    def apply(self, gradient: Sequence[torch.Tensor]) -> int:
-        """One optimizer step with `gradient` (dense fp32, validated); returns the new version."""
+    def apply(self, gradient: Sequence[Gradient]) -> int:
+        """One step with `gradient` (validated; dense fp32 tensors or SparseGradients,
+        applied in O(k)); returns the new version."""
         with self._lock:
             if self.finished:
                 raise RunFinished(f"the run finished at version {self._version}")
-            factor = self._schedule(self._version / self.steps)
-            for group, base in zip(self.optimizer.param_groups, self._base_lrs):
-                group["lr"] = base * factor
-            for (_, param), grad in zip(self._named, gradient):
-                param.grad = grad
-            self.optimizer.step()
-            for _, param in self._named:
-                param.grad = None
+            self.rule.set_lr_factor(self._schedule(self._version / self.steps))
+            self.rule.apply(gradient)
             self._version += 1
+            self._changes.append(
+                (self._version, [g.indices if isinstance(g, SparseGradient) else None for g in gradient])
+            )
             if self._version >= self.steps:
                 self.finished_at = time.monotonic()
             self._snapshots.clear()

@@ -1,44 +1,107 @@
-"""Error feedback: what a lossy codec did not send stays on the worker and is sent later.
+"""Error feedback, and Deep Gradient Compression's additions, on the worker.
 
-For each parameter the worker keeps a residual. A step encodes (gradient +
-residual) and keeps as the new residual exactly what the encoding dropped, so
-sent + residual always equals everything accumulated. A push the server refuses
-is given back whole (`restore`): nothing a worker computed is lost.
+What a lossy codec does not send stays on the worker and is added to the next
+gradient: a per-parameter residual. Each step encodes (contribution + residual) and
+keeps as the new residual exactly what the encoding dropped, so sent + residual
+always equals everything contributed. A push the server refuses is given back whole
+(`restore`): nothing a worker computed is lost.
+
+DGC's options (Lin et al., ICLR 2018), set from the run's configuration:
+
+- momentum correction: the worker keeps the momentum u <- m u + (g + wd w) and
+  contributes u, so momentum acts on what is eventually sent, not on each sparse
+  piece; the server then takes plain SGD steps.
+- momentum factor masking: the momentum of coordinates just sent is zeroed, so a
+  stale momentum does not push them again.
+- local gradient clipping: the worker scales its gradient to an L2 norm of at most
+  `clip_norm` before anything else.
+- sparsity warm-up: for the first `warmup_versions` model versions the kept fraction
+  falls exponentially from 25 % to the codec's ratio.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from gradhub.codecs import Codec
+from gradhub.codecs import Codec, Sparsifier
 from gradhub.encoded import EncodedTensor, Layout
+
+#: Sparsity warm-up starts by keeping this fraction.
+WARMUP_START = 0.25
+
+
+@dataclass(frozen=True)
+class FeedbackOptions:
+    #: Momentum correction: the momentum the worker keeps (0: off, the server has momentum).
+    momentum: float = 0.0
+    #: With momentum correction, weight decay is added to the gradient on the worker.
+    weight_decay: float = 0.0
+    masking: bool = True
+    clip_norm: float = 0.0
+    warmup_versions: int = 0
 
 
 class ErrorFeedback:
-    def __init__(self, codec: Codec) -> None:
+    def __init__(self, codec: Codec, options: FeedbackOptions | None = None) -> None:
         self.codec = codec
+        self.options = options or FeedbackOptions()
         self._residuals: dict[str, torch.Tensor] = {}
+        self._momenta: dict[str, torch.Tensor] = {}
 
-    def encode(self, gradients: Sequence[tuple[str, torch.Tensor]]) -> list[EncodedTensor]:
-        if self.codec.lossless and not self._residuals:
-            return [self.codec.encode(name, gradient) for name, gradient in gradients]
+    def codec_at(self, version: int) -> Codec:
+        """The codec for a gradient computed on `version` (sparsity warm-up)."""
+        warmup = self.options.warmup_versions
+        if not (warmup and isinstance(self.codec, Sparsifier)) or version >= warmup:
+            return self.codec
+        target = self.codec.keep
+        if target >= WARMUP_START:
+            return self.codec
+        keep = math.exp(math.log(WARMUP_START) + (math.log(target) - math.log(WARMUP_START)) * version / warmup)
+        return self.codec.with_ratio(keep)
+
+    def encode(
+        self,
+        gradients: Sequence[tuple[str, torch.Tensor]],
+        parameters: Sequence[torch.Tensor] | None = None,
+        version: int = 0,
+    ) -> list[EncodedTensor]:
+        """Encode one step's gradients (with the parameters they came from, for weight decay)."""
+        options = self.options
+        grads = [g.detach().to(torch.float32) for _, g in gradients]
+        if options.clip_norm > 0:
+            norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+            if norm > options.clip_norm:
+                grads = [g * (options.clip_norm / norm) for g in grads]
+        codec = self.codec_at(version)
+        if codec.lossless and not self._residuals and not options.momentum:
+            return [codec.encode(name, g) for (name, _), g in zip(gradients, grads)]
         encoded = []
-        for name, gradient in gradients:
+        for position, ((name, _), gradient) in enumerate(zip(gradients, grads)):
+            contribution = gradient
+            if options.momentum:
+                if options.weight_decay and parameters is not None:
+                    contribution = contribution + options.weight_decay * parameters[position].detach()
+                momentum = self._momenta.get(name)
+                momentum = contribution.clone() if momentum is None else momentum.mul_(options.momentum).add_(contribution)
+                self._momenta[name] = momentum
+                contribution = momentum
             residual = self._residuals.get(name)
-            accumulated = gradient.detach().to(torch.float32)
-            if residual is not None:
-                accumulated = accumulated + residual
-            sent = self.codec.encode(name, accumulated)
+            accumulated = contribution + residual if residual is not None else contribution.clone()
+            sent = codec.encode(name, accumulated)
             self._residuals[name] = self._remainder(accumulated, sent)
+            if options.momentum and options.masking and sent.indices is not None:
+                self._momenta[name].view(-1)[sent.indices.to(accumulated.device)] = 0.0
             encoded.append(sent)
         return encoded
 
     @staticmethod
     def _remainder(accumulated: torch.Tensor, sent: EncodedTensor) -> torch.Tensor:
         if sent.layout is Layout.SPARSE and sent.indices is not None:
-            remainder = accumulated.detach().clone().reshape(-1)
+            remainder = accumulated.reshape(-1)  # accumulated is ours alone: update in place
             indices = sent.indices.to(device=remainder.device, dtype=torch.int64)
             remainder.index_add_(0, indices, -sent.float_values().to(remainder.device))
             return remainder.view(accumulated.shape)
@@ -55,8 +118,12 @@ class ErrorFeedback:
                 residual.add_(dense.to(residual.device))
 
     def reset(self) -> None:
-        """Forget every residual (after a gradient the server refused as non-finite)."""
+        """Forget residuals and momenta (after a gradient the server refused as non-finite)."""
         self._residuals.clear()
+        self._momenta.clear()
 
     def residual(self, name: str) -> torch.Tensor | None:
         return self._residuals.get(name)
+
+    def momentum(self, name: str) -> torch.Tensor | None:
+        return self._momenta.get(name)

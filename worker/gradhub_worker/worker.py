@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradhub.codecs import codec_from_name
-from gradhub.config import RunConfig
+from gradhub.config import RunConfig, momentum_on_workers
 from gradhub.coordination import Lease, RunCoordinator
 from gradhub.data import load_dataset, shard_indices
 from gradhub.domain import ParameterSnapshot, PushMeta
@@ -39,7 +39,7 @@ from gradhub.errors import (
 from gradhub.models import build_model, count_parameters
 from gradhub.retry import Backoff
 from gradhub_worker.client import ParameterClient
-from gradhub_worker.error_feedback import ErrorFeedback
+from gradhub_worker.error_feedback import ErrorFeedback, FeedbackOptions
 from gradhub_worker.lease import LeaseKeeper
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,21 @@ class WorkerSettings:
     rpc_timeout: float = 60.0
     #: Exit with an error after this long without a successful exchange with the server.
     give_up_after: float = 60.0
+
+
+def feedback_for(config: RunConfig, rank: int) -> ErrorFeedback:
+    """Error feedback around the run's codec, with the DGC options the run asks for."""
+    on_workers = momentum_on_workers(config)
+    return ErrorFeedback(
+        codec_from_name(config.compression, seed=config.seed * 7919 + rank),
+        FeedbackOptions(
+            momentum=config.momentum if on_workers else 0.0,
+            weight_decay=config.weight_decay if on_workers else 0.0,
+            masking=config.momentum_masking,
+            clip_norm=config.clip_norm,
+            warmup_versions=config.sparsity_warmup,
+        ),
+    )
 
 
 def pick_device(name: str) -> torch.device:
@@ -179,7 +194,7 @@ class Worker:
         keeper: LeaseKeeper,
     ) -> int:
         s = self.settings
-        feedback = ErrorFeedback(codec_from_name(config.compression))
+        feedback = feedback_for(config, keeper.lease.rank)
         named = list(model.named_parameters())
         seq = 0
         started = last_log = time.monotonic()
@@ -195,7 +210,7 @@ class Worker:
                 loss_tensor.backward()
                 loss = loss_tensor.item()
                 gradients = [(n, p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in named]
-                encoded = feedback.encode(gradients)
+                encoded = feedback.encode(gradients, [p for _, p in named], snapshot.version)
                 seq += 1
                 meta = PushMeta(
                     run_id=config.run_id, worker_id=s.worker_id, seq=seq,

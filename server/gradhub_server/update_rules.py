@@ -1,0 +1,144 @@
+"""Server-side update rules: how a (mean) gradient changes the parameters, dense or sparse.
+
+A sparse gradient (flat indices and values) is applied in O(k), k its number of
+coordinates, never O(model size):
+
+- SGD without momentum and weight decay (the server's rule under DGC momentum
+  correction, where momentum lives on the workers): a scatter-add of -lr * values.
+  This is the dense update of the same gradient (equal up to the last bit, where
+  torch's dense kernel fuses the multiply-add).
+- SGD with momentum or weight decay, and Adam: *lazy*. Optimizer state (momentum
+  buffer, Adam's moments) and weight decay touch only the coordinates the gradient
+  names, like TensorFlow's LazyAdam. Untouched coordinates keep their state and do
+  not move, where a dense step would have kept moving them with their momentum;
+  a dense step of every coordinate is what O(k) rules out.
+
+Dense gradients go through torch.optim (SGD, Adam) unchanged. Both kinds may mix
+within one step, one parameter at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradhub.errors import ConfigurationError
+
+
+@dataclass(frozen=True)
+class SparseGradient:
+    """A gradient that is zero except at `indices` (flat, int64; repeats add up)."""
+
+    indices: torch.Tensor
+    values: torch.Tensor  # float32, same length
+
+    def coalesced(self) -> SparseGradient:
+        """Unique indices with their values summed: what stateful rules need."""
+        unique, inverse = torch.unique(self.indices, return_inverse=True)
+        values = torch.zeros(unique.numel(), dtype=self.values.dtype).index_add_(0, inverse, self.values)
+        return SparseGradient(unique, values)
+
+    def to_dense(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        flat = torch.zeros(math.prod(shape), dtype=torch.float32)
+        flat.index_add_(0, self.indices, self.values)
+        return flat.view(shape)
+
+
+Gradient = torch.Tensor | SparseGradient
+
+
+class UpdateRule(ABC):
+    def __init__(self, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+        self.params = list(params)
+        self.optimizer = optimizer
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+
+    def set_lr_factor(self, factor: float) -> None:
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def apply(self, gradients: Sequence[Gradient]) -> None:
+        """One step: dense gradients through the optimizer, sparse ones in O(k)."""
+        any_dense = False
+        for param, gradient in zip(self.params, gradients):
+            if isinstance(gradient, SparseGradient):
+                param.grad = None
+            else:
+                param.grad = gradient
+                any_dense = True
+        if any_dense:
+            self.optimizer.step()
+        with torch.no_grad():
+            for param, gradient in zip(self.params, gradients):
+                param.grad = None
+                if isinstance(gradient, SparseGradient) and gradient.indices.numel():
+                    self._apply_sparse(param, gradient, self.optimizer.state[param])
+
+    @abstractmethod
+    def _apply_sparse(self, param: nn.Parameter, gradient: SparseGradient, state: dict[str, Any]) -> None:
+        """Update `param` at the gradient's coordinates only."""
+
+
+class SGDRule(UpdateRule):
+    def _apply_sparse(self, param: nn.Parameter, gradient: SparseGradient, state: dict[str, Any]) -> None:
+        group = self.optimizer.param_groups[0]
+        lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+        flat = param.data.view(-1)
+        if not momentum and not decay:
+            flat.index_add_(0, gradient.indices, gradient.values, alpha=-lr)
+            return
+        g = gradient.coalesced()
+        step = g.values
+        if decay:
+            step = step + decay * flat[g.indices]
+        if momentum:
+            buffer = state.get("momentum_buffer")
+            if buffer is None:
+                buffer = state["momentum_buffer"] = torch.zeros_like(param.data)
+            flat_buffer = buffer.view(-1)
+            step = flat_buffer[g.indices] * momentum + step
+            flat_buffer[g.indices] = step
+        flat[g.indices] -= lr * step
+
+
+class AdamRule(UpdateRule):
+    def _apply_sparse(self, param: nn.Parameter, gradient: SparseGradient, state: dict[str, Any]) -> None:
+        group = self.optimizer.param_groups[0]
+        lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(param.data)
+            state["exp_avg_sq"] = torch.zeros_like(param.data)
+        state["step"] += 1
+        t = float(state["step"])
+        g = gradient.coalesced()
+        flat = param.data.view(-1)
+        values = g.values + decay * flat[g.indices] if decay else g.values
+        m = state["exp_avg"].view(-1)
+        v = state["exp_avg_sq"].view(-1)
+        m_i = m[g.indices] * beta1 + (1 - beta1) * values
+        v_i = v[g.indices] * beta2 + (1 - beta2) * values * values
+        m[g.indices] = m_i
+        v[g.indices] = v_i
+        denominator = (v_i / (1 - beta2**t)).sqrt() + eps
+        flat[g.indices] -= (lr / (1 - beta1**t)) * m_i / denominator
+
+
+def build_update_rule(
+    optimizer_name: str, params: Sequence[nn.Parameter], lr: float, momentum: float, weight_decay: float
+) -> UpdateRule:
+    if optimizer_name == "sgd":
+        return SGDRule(params, torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay))
+    if optimizer_name == "adam":
+        return AdamRule(params, torch.optim.Adam(params, lr=lr, weight_decay=weight_decay))
+    raise ConfigurationError(f"unknown optimizer {optimizer_name!r}")

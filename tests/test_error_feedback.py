@@ -1,0 +1,75 @@
+"""The worker's error feedback with DGC's options: momentum correction, masking, clipping, warm-up."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gradhub.codecs import codec_from_name
+from gradhub.config import RunConfig, momentum_on_workers
+from gradhub_worker.error_feedback import WARMUP_START, ErrorFeedback, FeedbackOptions
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_momentum_correction_sends_the_momentum_of_the_gradients():
+    feedback = ErrorFeedback(codec_from_name("none"), FeedbackOptions(momentum=0.9))
+    gradients = [torch.randn(20, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    momentum = torch.zeros(20)
+    for gradient in gradients:
+        momentum = 0.9 * momentum + gradient
+        (sent,) = feedback.encode([("g", gradient)])
+        assert torch.allclose(sent.to_dense(), momentum, atol=1e-6)
+
+
+def test_weight_decay_is_added_on_the_worker_under_momentum_correction():
+    feedback = ErrorFeedback(codec_from_name("none"), FeedbackOptions(momentum=0.9, weight_decay=0.1))
+    parameter = torch.full((5,), 2.0)
+    (sent,) = feedback.encode([("g", torch.ones(5))], [parameter])
+    assert torch.allclose(sent.to_dense(), torch.full((5,), 1.2))
+
+
+def test_sent_plus_residual_equals_the_accumulated_momentum_and_sent_coordinates_are_masked():
+    feedback = ErrorFeedback(codec_from_name("topk:0.1"), FeedbackOptions(momentum=0.9, masking=True))
+    generator = torch.Generator().manual_seed(0)
+    contributed = torch.zeros(200, dtype=torch.float64)
+    sent_total = torch.zeros(200, dtype=torch.float64)
+    momentum = torch.zeros(200)
+    for _ in range(5):
+        gradient = torch.randn(200, generator=generator)
+        momentum = 0.9 * momentum + gradient
+        contributed += momentum.double()
+        (sent,) = feedback.encode([("g", gradient)])
+        sent_total += sent.to_dense().double()
+        assert torch.allclose(sent_total + feedback.residual("g").double(), contributed, atol=1e-4)
+        # Masking: the worker's momentum restarts at the coordinates just sent.
+        assert torch.all(feedback.momentum("g")[sent.indices] == 0)
+        momentum[sent.indices] = 0.0
+
+
+def test_local_clipping_bounds_the_gradient_norm():
+    feedback = ErrorFeedback(codec_from_name("none"), FeedbackOptions(clip_norm=1.0))
+    sent = feedback.encode([("a", torch.full((4,), 3.0)), ("b", torch.full((4,), 4.0))])
+    norm = math.sqrt(sum(float(t.to_dense().pow(2).sum()) for t in sent))
+    assert math.isclose(norm, 1.0, rel_tol=1e-6)
+    small = feedback.encode([("a", torch.full((4,), 0.1)), ("b", torch.zeros(4))])
+    assert torch.allclose(small[0].to_dense(), torch.full((4,), 0.1))
+
+
+def test_sparsity_warm_up_falls_from_a_quarter_to_the_codecs_ratio():
+    feedback = ErrorFeedback(codec_from_name("topk:0.001"), FeedbackOptions(warmup_versions=100))
+    keeps = [feedback.codec_at(v).keep for v in (0, 50, 99, 100, 5000)]
+    assert keeps[0] == pytest.approx(WARMUP_START)
+    assert keeps[0] > keeps[1] > keeps[2] > keeps[3]
+    assert keeps[1] == pytest.approx(math.sqrt(WARMUP_START * 0.001))  # halfway, geometrically
+    assert keeps[3] == keeps[4] == 0.001
+
+
+def test_momentum_correction_is_on_by_default_for_sparsifying_codecs_only():
+    assert momentum_on_workers(RunConfig(run_id="r", compression="topk:0.01"))
+    assert not momentum_on_workers(RunConfig(run_id="r", compression="fp16"))
+    assert not momentum_on_workers(RunConfig(run_id="r", compression="topk:0.01", optimizer="adam"))
+    assert not momentum_on_workers(RunConfig(run_id="r", compression="topk:0.01", momentum_correction="off"))
+    assert momentum_on_workers(RunConfig(run_id="r", compression="fp16", momentum_correction="on"))

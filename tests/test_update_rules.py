@@ -1,0 +1,81 @@
+"""Server update rules: a sparse gradient is applied at its coordinates only, in O(k)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gradhub_server.policies import mean_gradient
+from gradhub_server.update_rules import SparseGradient, build_update_rule
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def params(seed: int = 0) -> list[nn.Parameter]:
+    generator = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(50, 40, generator=generator)), nn.Parameter(torch.randn(40, generator=generator))]
+
+
+def sparse_gradient(numel: int, k: int, seed: int) -> SparseGradient:
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.sort(torch.randperm(numel, generator=generator)[:k]).values
+    return SparseGradient(indices, torch.randn(k, generator=generator))
+
+
+def test_plain_sgd_applies_a_sparse_gradient_like_its_dense_form():
+    dense_params, sparse_params = params(), params()
+    grads = [sparse_gradient(2000, 30, 1), sparse_gradient(40, 3, 2)]
+    build_update_rule("sgd", dense_params, 0.1, 0.0, 0.0).apply(
+        [g.to_dense(p.shape) for g, p in zip(grads, dense_params)]
+    )
+    build_update_rule("sgd", sparse_params, 0.1, 0.0, 0.0).apply(grads)
+    for a, b, g in zip(dense_params, sparse_params, grads):
+        # The same arithmetic up to the last bit (torch's dense kernel may fuse multiply-add).
+        assert torch.allclose(a, b, rtol=2**-22, atol=0)
+        untouched = torch.ones(a.numel(), dtype=torch.bool)
+        untouched[g.indices] = False
+        assert torch.equal(a.view(-1)[untouched], b.view(-1)[untouched])
+
+
+@pytest.mark.parametrize("optimizer, momentum, decay", [("sgd", 0.9, 5e-4), ("adam", 0.0, 0.0), ("adam", 0.0, 1e-2)])
+def test_stateful_rules_are_lazy_touching_only_the_named_coordinates(optimizer, momentum, decay):
+    ps = params()
+    rule = build_update_rule(optimizer, ps, 0.1, momentum, decay)
+    first, second = sparse_gradient(2000, 40, 3), sparse_gradient(2000, 40, 4)
+    rule.apply([first, SparseGradient(torch.empty(0, dtype=torch.int64), torch.empty(0))])
+    after_first = ps[0].detach().clone()
+    rule.apply([second, SparseGradient(torch.empty(0, dtype=torch.int64), torch.empty(0))])
+    moved = (ps[0].detach() != after_first).view(-1)
+    # Only the second gradient's coordinates moved in the second step: untouched ones keep still,
+    # even those with momentum from the first.
+    assert set(torch.nonzero(moved).view(-1).tolist()) <= set(second.indices.tolist())
+    assert moved[second.indices].any()
+    assert torch.equal(ps[1], params()[1])  # a parameter with no coordinates sent never moves
+    state = rule.optimizer.state[ps[0]]
+    buffer = state.get("momentum_buffer", state.get("exp_avg"))
+    touched = set(first.indices.tolist()) | set(second.indices.tolist())
+    assert set(torch.nonzero(buffer.view(-1)).view(-1).tolist()) <= touched
+
+
+def test_lazy_momentum_matches_dense_momentum_where_every_coordinate_is_sent():
+    dense_params, sparse_params = params(), params()
+    dense_rule = build_update_rule("sgd", dense_params, 0.05, 0.9, 0.0)
+    sparse_rule = build_update_rule("sgd", sparse_params, 0.05, 0.9, 0.0)
+    everything = torch.arange(2000)
+    for seed in range(3):
+        values = torch.randn(2000, generator=torch.Generator().manual_seed(seed))
+        grads = [SparseGradient(everything, values), SparseGradient(torch.arange(40), torch.zeros(40))]
+        sparse_rule.apply(grads)
+        dense_rule.apply([g.to_dense(p.shape) for g, p in zip(grads, dense_params)])
+    assert torch.allclose(dense_params[0], sparse_params[0], atol=1e-6)
+
+
+def test_the_mean_of_sparse_gradients_stays_sparse_and_sums_overlaps():
+    a = SparseGradient(torch.tensor([1, 5]), torch.tensor([2.0, 4.0]))
+    b = SparseGradient(torch.tensor([5, 7]), torch.tensor([6.0, 8.0]))
+    (mean,) = mean_gradient([[a], [b]], [torch.Size([10])])
+    assert isinstance(mean, SparseGradient) and mean.indices.numel() == 4
+    assert mean.to_dense((10,)).tolist() == [0, 1, 0, 0, 0, 5, 0, 4, 0, 0]
+    (mixed,) = mean_gradient([[a], [torch.ones(10)]], [torch.Size([10])])
+    assert torch.equal(mixed, (a.to_dense((10,)) + torch.ones(10)) / 2)
