@@ -32,7 +32,7 @@ META = PushMeta(run_id="r", worker_id="w", seq=1, base_version=0)
 
 
 def through_the_wire(codec_name: str, tensor: torch.Tensor):
-    codec = codec_from_name(codec_name, seed=1)
+    codec = codec_from_name(codec_name, seed=1, dense_below=0)
     encoded = codec.encode("t", tensor)
     (received,) = wire.read_push(list(wire.push_requests(META, [encoded], chunk_bytes=97)), LIMITS).tensors
     return codec, encoded, received
@@ -90,7 +90,7 @@ def test_fp16_clamps_overflow_instead_of_sending_inf():
 
 def test_topk_keeps_exactly_the_largest_magnitudes():
     x = torch.tensor([0.1, -5.0, 0.2, 3.0, -0.3, 0.0, 4.0, -0.05])
-    encoded = codec_from_name("topk:0.375+fp32").encode("x", x)  # k = 3
+    encoded = codec_from_name("topk:0.375+fp32", dense_below=0).encode("x", x)  # k = 3
     assert encoded.layout is Layout.SPARSE and encoded.indices is not None
     assert encoded.indices.tolist() == [1, 3, 6]
     assert encoded.values.tolist() == [-5.0, 3.0, 4.0]
@@ -107,6 +107,13 @@ def test_codecs_state_their_payload_and_ratio(name, numel, tolerance):
     expected = codec.payload_bytes(numel)
     assert abs(encoded.byte_length - expected) <= tolerance * expected
     assert math.isclose(codec.ratio(numel), 4 * numel / expected)
+
+
+def test_small_tensors_travel_whole_under_sparsifiers():
+    codec = codec_from_name("topk:0.001")
+    assert codec.encode("bias", torch.randn(160)).layout is Layout.DENSE
+    assert codec.encode("weight", torch.randn(10_000)).nnz == 10
+    assert codec_from_name("topk:0.001", dense_below=0).encode("bias", torch.randn(160)).nnz == 1
 
 
 def test_sparse_indices_travel_in_two_bytes_at_a_thousandth():
@@ -142,7 +149,7 @@ def test_codec_names_and_their_errors():
        scale=st.sampled_from([1e-3, 1.0, 1e4]))
 def test_error_feedback_sent_plus_residual_equals_everything_accumulated(codec_name, steps, size, seed, scale):
     generator = torch.Generator().manual_seed(seed)
-    feedback = ErrorFeedback(codec_from_name(codec_name, seed=seed))
+    feedback = ErrorFeedback(codec_from_name(codec_name, seed=seed, dense_below=0))
     total = torch.zeros(size, dtype=torch.float64)
     sent = torch.zeros(size, dtype=torch.float64)
     for _ in range(steps):
@@ -167,7 +174,7 @@ def test_a_lossless_codec_keeps_no_residual_until_a_push_is_refused():
 
 
 def test_a_refused_push_returns_whole_to_the_residual():
-    feedback = ErrorFeedback(codec_from_name("topk:0.1"))
+    feedback = ErrorFeedback(codec_from_name("topk:0.1", dense_below=0))
     gradient = torch.randn(100)
     (encoded,) = feedback.encode([("g", gradient)])
     feedback.restore([encoded])

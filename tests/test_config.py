@@ -67,8 +67,9 @@ def test_json_round_trip_and_agreement():
 
 
 def test_models_by_name_and_by_import_path():
-    assert {"cnn", "mlp", "linear"} <= set(builtin_models())
+    assert {"cnn", "mlp", "linear", "wide"} <= set(builtin_models())
     assert count_parameters(build_model("cnn")) == 5210  # the MNIST-1D paper's CNN
+    assert count_parameters(build_model("wide")) == 1_046_990  # where compression matters
     custom = build_model("torch.nn:Linear", {"in_features": 40, "out_features": 10})
     assert count_parameters(custom) == 410
     for spec, message in [("nope", "unknown model"), ("no_such_module:f", "cannot import"),

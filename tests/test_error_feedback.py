@@ -32,7 +32,7 @@ def test_weight_decay_is_added_on_the_worker_under_momentum_correction():
 
 
 def test_sent_plus_residual_equals_the_accumulated_momentum_and_sent_coordinates_are_masked():
-    feedback = ErrorFeedback(codec_from_name("topk:0.1"), FeedbackOptions(momentum=0.9, masking=True))
+    feedback = ErrorFeedback(codec_from_name("topk:0.1", dense_below=0), FeedbackOptions(momentum=0.9, masking=True))
     generator = torch.Generator().manual_seed(0)
     contributed = torch.zeros(200, dtype=torch.float64)
     sent_total = torch.zeros(200, dtype=torch.float64)

@@ -34,7 +34,8 @@ shapes = st.lists(st.integers(0, 6), min_size=0, max_size=3).map(tuple)
 @settings(max_examples=60, deadline=None)
 @given(
     shapes=st.lists(shapes, min_size=1, max_size=5),
-    codec=st.sampled_from([codec_from_name("none"), codec_from_name("fp16"), codec_from_name("topk:0.3"), codec_from_name("topk:1.0")]),
+    codec=st.sampled_from([codec_from_name("none"), codec_from_name("fp16"), codec_from_name("topk:0.3", dense_below=0),
+                           codec_from_name("topk:1.0", dense_below=0)]),
     chunk=st.integers(1, 64),
     seed=st.integers(0, 2**16),
 )
@@ -121,7 +122,7 @@ def test_sparse_nnz_beyond_numel_is_refused():
 def _sparse_push(codec: str, numel: int = 5000) -> list:
     from gradhub.codecs import codec_from_name as make
 
-    tensor = make(codec).encode("s", torch.randn(numel, generator=torch.Generator().manual_seed(1)))
+    tensor = make(codec, dense_below=0).encode("s", torch.randn(numel, generator=torch.Generator().manual_seed(1)))
     return list(wire.push_requests(META, [tensor]))
 
 

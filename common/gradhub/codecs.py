@@ -230,25 +230,34 @@ def _spread_index_bytes(numel: int, k: int) -> int:
 
 
 class Sparsifier(Codec):
-    """Sends k = ceil(ratio * numel) coordinates (at least one of a non-empty tensor)."""
+    """Sends k = ceil(ratio * numel) coordinates (at least one of a non-empty tensor).
+
+    Tensors of fewer than `dense_below` elements (biases, small layers) are sent whole:
+    at a ratio of 0.001 a 160-element bias would get one coordinate per step and learn
+    160 times slower, for a saving of a few hundred bytes.
+    """
 
     sparsifying = True
     kind: str
+    DENSE_BELOW = 4096
 
-    def __init__(self, ratio: float, values: ValueCodec, seed: int = 0) -> None:
+    def __init__(self, ratio: float, values: ValueCodec, seed: int = 0, dense_below: int | None = None) -> None:
         if not 0.0 < ratio <= 1.0:
             raise ConfigurationError(f"{self.kind} ratio must be in (0, 1], got {ratio}")
         self.keep = ratio
         self.values = values
         self.seed = seed
+        self.dense_below = self.DENSE_BELOW if dense_below is None else dense_below
         self.name = f"{self.kind}:{ratio:g}+{values.name}"
         self._generator = torch.Generator().manual_seed(seed)
 
     def with_ratio(self, ratio: float) -> Sparsifier:
         """The same codec keeping another fraction (sparsity warm-up)."""
-        return type(self)(ratio, self.values, self.seed)
+        return type(self)(ratio, self.values, self.seed, self.dense_below)
 
     def k_for(self, numel: int) -> int:
+        if numel < self.dense_below:
+            return numel
         return min(numel, max(1, math.ceil(self.keep * numel))) if numel else 0
 
     @abstractmethod
@@ -257,12 +266,17 @@ class Sparsifier(Codec):
 
     def _encode(self, name: str, shape: tuple[int, ...], flat: torch.Tensor) -> EncodedTensor:
         k = self.k_for(flat.numel())
+        if k == flat.numel():
+            values, scales, block = self.values.encode(flat.cpu())
+            return EncodedTensor(name, shape, Layout.DENSE, values, scales=scales, scale_block=block)
         indices = self.select(flat, k) if k else torch.empty(0, dtype=torch.int64)
         values, scales, block = self.values.encode(flat[indices].cpu())
         return sparse(name, shape, indices, values, scales=scales, scale_block=block)
 
     def payload_bytes(self, numel: int) -> int:
         k = self.k_for(numel)
+        if k == numel:
+            return self.values.bytes_for(numel)
         return self.values.bytes_for(k) + _spread_index_bytes(numel, k)
 
     def error_bound(self, tensor: torch.Tensor) -> float:
@@ -382,13 +396,14 @@ def codec_names() -> list[str]:
     return ["none", *_VALUE_CODECS, *(f"{s}:RATIO[+VALUES]" for s in _SPARSIFIERS)]
 
 
-def codec_from_name(spec: str, seed: int = 0) -> Codec:
+def codec_from_name(spec: str, seed: int = 0, dense_below: int | None = None) -> Codec:
     """Build a codec from its name, e.g. `fp16`, `topk:0.001`, `randomk:0.01+int8`.
 
-    `seed` drives the randomness of approx-topk's samples and randomk's draws."""
+    `seed` drives the randomness of approx-topk's samples and randomk's draws; sparsifiers
+    send tensors of fewer than `dense_below` elements whole (default 4096)."""
     parsed = parse_codec(spec)
     values = _VALUE_CODECS[parsed.values]()
     if parsed.sparsifier is None:
         return DenseCodec(values)
-    return _SPARSIFIERS[parsed.sparsifier](parsed.ratio or 0.0, values, seed)
+    return _SPARSIFIERS[parsed.sparsifier](parsed.ratio or 0.0, values, seed, dense_below)
 

@@ -21,6 +21,8 @@ from gradhub.errors import ConfigurationError
 
 MODES = ("sync", "async")
 OPTIMIZERS = ("sgd", "adam")
+#: How workers pull: whole or only what changed since the version they hold, fp32 or fp16.
+PULL_COMPRESSIONS = ("none", "fp16", "delta", "delta+fp16")
 LR_SCHEDULES = ("constant", "step", "cosine")
 
 #: Defaults that depend on the mode, measured on MNIST-1D with the default CNN
@@ -60,13 +62,19 @@ class RunConfig:
     #: DGC momentum correction: workers keep momentum (and weight decay) and push their
     #: accumulated velocity; the server takes plain SGD steps. auto: on for sparsifying codecs.
     momentum_correction: str = "auto"
-    #: DGC momentum factor masking: zero the momentum of coordinates just sent.
-    momentum_masking: bool = True
+    #: Sparsifying codecs send tensors of fewer elements than this whole.
+    dense_below: int = 4096
+    #: DGC momentum factor masking: zero the momentum of coordinates just sent. Off by
+    #: default: on the wide model it cost a point of accuracy (README, "Compression").
+    momentum_masking: bool = False
     #: Local gradient clipping: each worker scales its gradient to at most this L2 norm (0: off).
     clip_norm: float = 0.0
     #: Sparsity warm-up: over the first N versions the kept fraction falls exponentially
     #: from 25 % to the codec's ratio (0: off).
     sparsity_warmup: int = 0
+    #: Pulls: none (whole, fp32), fp16 (whole), delta (what changed since the worker's
+    #: version, fp32: exact), delta+fp16. A delta is never larger than the whole.
+    pull_compression: str = "delta"
     #: Async only: a push staler than this many versions is refused.
     max_staleness: int = 16
     #: Samples per worker per step.
@@ -94,8 +102,10 @@ class RunConfig:
             problems.append(f"momentum_correction must be auto, on or off, got {self.momentum_correction!r}")
         elif self.momentum_correction == "on" and self.optimizer != "sgd":
             problems.append("momentum correction needs optimizer sgd")
-        if self.clip_norm < 0 or self.sparsity_warmup < 0:
-            problems.append("clip_norm and sparsity_warmup must be >= 0")
+        if self.pull_compression not in PULL_COMPRESSIONS:
+            problems.append(f"pull_compression must be one of {PULL_COMPRESSIONS}, got {self.pull_compression!r}")
+        if self.clip_norm < 0 or self.sparsity_warmup < 0 or self.dense_below < 0:
+            problems.append("clip_norm, sparsity_warmup and dense_below must be >= 0")
         try:
             parse_codec(self.compression)
         except ConfigurationError as exc:
@@ -123,6 +133,14 @@ class RunConfig:
         if unknown:
             raise ConfigurationError(f"unknown configuration keys: {sorted(unknown)}")
         return cls(**data)
+
+
+def pull_dtype_of(config: RunConfig) -> str:
+    return "float16" if config.pull_compression.endswith("fp16") else "float32"
+
+
+def pull_delta_of(config: RunConfig) -> bool:
+    return config.pull_compression.startswith("delta")
 
 
 def momentum_on_workers(config: RunConfig) -> bool:
@@ -203,10 +221,15 @@ def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
                        help="DGC: momentum on the workers, plain SGD on the server (default auto: on for "
                             "sparsifying codecs)")
     group.add_argument("--momentum-masking", type=_on_off,
-                       help="DGC: zero the momentum of coordinates just sent, on|off (default on)")
+                       help="DGC: zero the momentum of coordinates just sent, on|off (default off)")
+    group.add_argument("--dense-below", type=int,
+                       help="sparsifying codecs send tensors smaller than this whole (default 4096)")
     group.add_argument("--clip-norm", type=float, help="local gradient clipping to this L2 norm (default 0: off)")
     group.add_argument("--sparsity-warmup", type=int,
                        help="versions over which the kept fraction falls from 25%% to the codec's (default 0)")
+    group.add_argument("--pull-compression", choices=PULL_COMPRESSIONS,
+                       help="pulls: none (fp32, whole), fp16, delta (only what changed since the worker's "
+                            "version; exact), delta+fp16 (default delta)")
     group.add_argument("--max-staleness", type=int, help="async: refuse pushes staler than this (default 16)")
     group.add_argument("--batch-size", type=int, help="samples per worker per step (default 50)")
     group.add_argument("--seed", type=int, help="seed of initialisation and data order (default 0)")
@@ -216,8 +239,9 @@ def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 _RUN_FLAG_FIELDS = (
     "mode", "workers", "steps", "model", "model_kwargs", "dataset", "optimizer", "lr", "lr_schedule",
-    "momentum", "weight_decay", "compression", "momentum_correction", "momentum_masking", "clip_norm",
-    "sparsity_warmup", "max_staleness", "batch_size", "seed",
+    "momentum", "weight_decay", "compression", "dense_below", "momentum_correction", "momentum_masking",
+    "clip_norm",
+    "sparsity_warmup", "pull_compression", "max_staleness", "batch_size", "seed",
     "eval_every", "lease_seconds",
 )
 

@@ -21,6 +21,8 @@ class PushMeta:
     samples: int = 0
     #: PushPull only: the element type wanted for the parameters sent back.
     pull_dtype: torch.dtype = torch.float32
+    #: PushPull only: the worker holds `base_version`'s parameters; send what changed since.
+    pull_delta: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,3 +56,6 @@ class ParameterSnapshot:
     finished: bool = False
     #: Serialized size of the stream that carried it (set by readers).
     wire_bytes: int = 0
+    #: When set, a delta against version `delta_from`: sparse tensors list the coordinates
+    #: that changed since, with their current values (set, not add); dense ones are whole.
+    delta_from: int | None = None

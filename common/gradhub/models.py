@@ -62,6 +62,29 @@ class MLP(nn.Module):
         return self.linear3(h)
 
 
+class WideCNN(nn.Module):
+    """A wide CNN for MNIST-1D where compression matters: about a million parameters,
+    most of them in the hidden layer after the convolutions; dropout keeps so many
+    parameters from overfitting 4,000 training signals."""
+
+    def __init__(self, channels: int = 160, hidden: int = 1100, dropout: float = 0.3, output_size: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(1, channels, 5, stride=2, padding=1)
+        self.conv2 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        self.hidden = nn.Linear(channels * 5, hidden)
+        self.out = nn.Linear(hidden, output_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.view(-1, 1, x.shape[-1])
+        h = self.conv1(h).relu()
+        h = self.conv2(h).relu()
+        h = self.conv3(h).relu()
+        h = self.hidden(self.dropout(h.flatten(1))).relu()
+        return self.out(self.dropout(h))
+
+
 @register_model("cnn")
 def cnn(channels: int = 25) -> nn.Module:
     # Length 40 -> 19 -> 10 -> 5 after the three stride-2 convolutions.
@@ -71,6 +94,11 @@ def cnn(channels: int = 25) -> nn.Module:
 @register_model("mlp")
 def mlp(hidden_size: int = 100) -> nn.Module:
     return MLP(hidden_size=hidden_size)
+
+
+@register_model("wide")
+def wide(channels: int = 160, hidden: int = 1100, dropout: float = 0.3) -> nn.Module:
+    return WideCNN(channels=channels, hidden=hidden, dropout=dropout)
 
 
 @register_model("linear")

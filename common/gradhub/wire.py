@@ -153,6 +153,7 @@ def push_requests(
         loss=meta.loss,
         samples=meta.samples,
         pull_dtype=dtype_to_proto(meta.pull_dtype),
+        pull_delta=meta.pull_delta,
     )
     first = True
     for offset, data in _chunks(tensors, chunk_bytes):
@@ -175,6 +176,8 @@ def pull_responses(
         payload_bytes=sum(t.byte_length for t in snapshot.tensors),
         finished=snapshot.finished,
     )
+    if snapshot.delta_from is not None:
+        header.delta_from = snapshot.delta_from
     messages: list[pb.PullResponse] = []
     for offset, data in _chunks(snapshot.tensors, chunk_bytes):
         if not messages:
@@ -205,13 +208,22 @@ def push_result(reply: pb.PushReply) -> PushResult:
     return PushResult(version=reply.version, staleness=reply.staleness, finished=reply.finished)
 
 
-def pull_request(run_id: str, worker_id: str, min_version: int, dtype: torch.dtype) -> pb.PullRequest:
-    return pb.PullRequest(
+def pull_request(
+    run_id: str, worker_id: str, min_version: int, dtype: torch.dtype, have_version: int | None = None
+) -> pb.PullRequest:
+    request = pb.PullRequest(
         run_id=run_id,
         worker_id=worker_id,
         min_version=min_version,
         dtype=dtype_to_proto(dtype),
     )
+    if have_version is not None:
+        request.have_version = have_version
+    return request
+
+
+def have_version(request: pb.PullRequest) -> int | None:
+    return request.have_version if request.HasField("have_version") else None
 
 
 def pull_dtype(value: int) -> torch.dtype:
@@ -436,6 +448,7 @@ def read_push(requests: Iterable[pb.PushRequest], limits: WireLimits) -> Push:
         loss=header.loss,
         samples=header.samples,
         pull_dtype=pull_dtype(header.pull_dtype),
+        pull_delta=header.pull_delta,
     )
     return Push(meta=meta, tensors=tensors, wire_bytes=wire_bytes)
 
@@ -462,5 +475,6 @@ def read_pull(responses: Iterable[pb.PullResponse], limits: WireLimits) -> Param
         first, iterator, header.tensors, header.payload_bytes, limits, "pull"
     )
     return ParameterSnapshot(
-        version=header.version, tensors=tensors, finished=header.finished, wire_bytes=wire_bytes
+        version=header.version, tensors=tensors, finished=header.finished, wire_bytes=wire_bytes,
+        delta_from=header.delta_from if header.HasField("delta_from") else None,
     )

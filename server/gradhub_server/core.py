@@ -111,8 +111,11 @@ class ParameterServerCore:
             log.info("refused push from %s: %s: %s", worker_id or "?", type(error).__name__, error)
 
     def pull(
-        self, run_id: str, min_version: int, dtype: torch.dtype, timeout: float | None
+        self, run_id: str, min_version: int, dtype: torch.dtype, timeout: float | None,
+        have_version: int | None = None,
     ) -> ParameterSnapshot:
+        """The parameters once the server reaches `min_version`: a delta against
+        `have_version` when the caller holds it and the history allows, else whole."""
         if run_id != self.config.run_id:
             raise WrongRun(f"pull for run {run_id!r}; this server serves {self.config.run_id!r}")
         if self._closing:
@@ -126,6 +129,10 @@ class ParameterServerCore:
                     f"version {min_version} not reached within {wait:.1f}s "
                     f"(server at {self.store.version})"
                 )
+        if have_version is not None:
+            delta = self.store.delta_snapshot(have_version, dtype)
+            if delta is not None:
+                return delta
         return self.store.snapshot(dtype)
 
     def close(self) -> None:

@@ -30,10 +30,10 @@ class _PullStreams:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._cache: dict[tuple[int, torch.dtype, bool], tuple[list[pb.PullResponse], int]] = {}
+        self._cache: dict[tuple[int, torch.dtype, bool, int | None], tuple[list[pb.PullResponse], int]] = {}
 
     def get(self, snapshot: ParameterSnapshot, dtype: torch.dtype) -> tuple[list[pb.PullResponse], int]:
-        key = (snapshot.version, dtype, snapshot.finished)
+        key = (snapshot.version, dtype, snapshot.finished, snapshot.delta_from)
         with self._lock:
             hit = self._cache.get(key)
         if hit is not None:
@@ -67,10 +67,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     def _parameters(
         self, run_id: str, worker_id: str, min_version: int, dtype: torch.dtype,
-        context: grpc.ServicerContext, pushed: PushResult | None = None,
+        context: grpc.ServicerContext, pushed: PushResult | None = None, have_version: int | None = None,
     ) -> Iterator[pb.PullResponse]:
         try:
-            snapshot = self._core.pull(run_id, min_version, dtype, _wait_budget(context))
+            snapshot = self._core.pull(run_id, min_version, dtype, _wait_budget(context), have_version)
         except GradhubError as exc:
             context.abort(status_for(exc), str(exc))
             raise  # unreachable: abort raises
@@ -94,7 +94,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         except GradhubError as exc:
             context.abort(status_for(exc), str(exc))
             raise  # unreachable: abort raises
-        yield from self._parameters(request.run_id, request.worker_id, request.min_version, dtype, context)
+        yield from self._parameters(
+            request.run_id, request.worker_id, request.min_version, dtype, context,
+            have_version=wire.have_version(request),
+        )
 
     def PushPull(
         self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext
@@ -104,7 +107,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         push, result = self._push(request_iterator, context)
         meta = push.meta
         yield from self._parameters(
-            meta.run_id, meta.worker_id, result.version, meta.pull_dtype, context, pushed=result
+            meta.run_id, meta.worker_id, result.version, meta.pull_dtype, context, pushed=result,
+            have_version=meta.base_version if meta.pull_delta else None,
         )
 
     def GetStatus(

@@ -22,7 +22,7 @@ from torch import nn
 
 from gradhub.config import RunConfig, momentum_on_workers
 from gradhub.domain import ParameterSnapshot
-from gradhub.encoded import EncodedTensor, dense
+from gradhub.encoded import EncodedTensor, dense, sparse
 from gradhub.errors import InvalidRequest, NonFiniteGradient, RunFinished
 from gradhub_server.schedules import Schedule, constant
 from gradhub_server.update_rules import Gradient, SparseGradient, UpdateRule, build_update_rule
@@ -65,6 +65,7 @@ class ParameterStore:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._snapshots: dict[torch.dtype, ParameterSnapshot] = {}
+        self._deltas: dict[tuple[int, torch.dtype], ParameterSnapshot] = {}
         self._closed = False
         #: time.monotonic() of the update that reached the last step.
         self.finished_at: float | None = None
@@ -133,6 +134,33 @@ class ParameterStore:
     def state_dict(self) -> dict[str, torch.Tensor]:
         with self._lock:
             return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def delta_snapshot(self, have_version: int, dtype: torch.dtype) -> ParameterSnapshot | None:
+        """The parameters as a delta against `have_version`, or None when history does not
+        reach back that far. Per parameter, the changed coordinates with their current
+        values, or the whole parameter when that is no larger."""
+        changes = self.changed_since(have_version)
+        if changes is None:
+            return None
+        with self._lock:
+            key = (have_version, dtype)
+            cached = self._deltas.get(key)
+            if cached is not None and cached.version == self._version:
+                return cached
+            tensors = []
+            for (name, param), indices in zip(self._named, changes):
+                itemsize = torch.empty(0, dtype=dtype).element_size()
+                flat = param.detach().view(-1)
+                if indices is None or indices.numel() * (itemsize + 2) >= flat.numel() * itemsize:
+                    tensors.append(dense(name, param.detach().clone(), dtype))
+                else:
+                    tensors.append(sparse(name, tuple(param.shape), indices, flat[indices].to(dtype)))
+            snap = ParameterSnapshot(
+                version=self._version, tensors=tuple(tensors), finished=self.finished, delta_from=have_version
+            )
+            self._deltas = {k: v for k, v in self._deltas.items() if v.version == self._version}
+            self._deltas[key] = snap
+            return snap
 
     def changed_since(self, version: int) -> list[torch.Tensor | None] | None:
         """Per parameter, the unique flat indices changed after `version` (None: maybe all);

@@ -63,8 +63,11 @@ class ParameterClient:
         except grpc.RpcError as exc:
             raise _domain_error(exc) from exc
 
-    def pull(self, min_version: int, timeout: float, dtype: torch.dtype = torch.float32) -> ParameterSnapshot:
-        request = wire.pull_request(self.run_id, self.worker_id, min_version, dtype)
+    def pull(
+        self, min_version: int, timeout: float, dtype: torch.dtype = torch.float32,
+        have_version: int | None = None,
+    ) -> ParameterSnapshot:
+        request = wire.pull_request(self.run_id, self.worker_id, min_version, dtype, have_version)
         try:
             return wire.read_pull(self._stub.Pull(request, timeout=timeout), self._limits)
         except grpc.RpcError as exc:

@@ -21,11 +21,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradhub.codecs import codec_from_name
-from gradhub.config import RunConfig, momentum_on_workers
+from gradhub.config import RunConfig, momentum_on_workers, pull_delta_of, pull_dtype_of
 from gradhub.coordination import Lease, RunCoordinator
 from gradhub.data import load_dataset, shard_indices
 from gradhub.domain import ParameterSnapshot, PushMeta
-from gradhub.encoded import EncodedTensor
+from gradhub.encoded import WIRE_DTYPES, EncodedTensor
 from gradhub.errors import (
     CoordinationError,
     DuplicatePush,
@@ -71,7 +71,7 @@ def feedback_for(config: RunConfig, rank: int) -> ErrorFeedback:
     """Error feedback around the run's codec, with the DGC options the run asks for."""
     on_workers = momentum_on_workers(config)
     return ErrorFeedback(
-        codec_from_name(config.compression, seed=config.seed * 7919 + rank),
+        codec_from_name(config.compression, seed=config.seed * 7919 + rank, dense_below=config.dense_below),
         FeedbackOptions(
             momentum=config.momentum if on_workers else 0.0,
             weight_decay=config.weight_decay if on_workers else 0.0,
@@ -156,6 +156,10 @@ class Worker:
         self.coordinator = coordinator or RunCoordinator.from_url(settings.redis_url, settings.run_id)
         self.pushes_applied = 0
         self.pushes_refused = 0
+        self._pull_dtype = torch.float32
+        self._pull_delta = False
+        #: The version of the parameters the local model holds (None before the first pull).
+        self._held: int | None = None
 
     def run(self) -> int:
         s = self.settings
@@ -197,6 +201,8 @@ class Worker:
         feedback = feedback_for(config, keeper.lease.rank)
         named = list(model.named_parameters())
         seq = 0
+        self._pull_dtype = WIRE_DTYPES[pull_dtype_of(config)]
+        self._pull_delta = pull_delta_of(config)
         started = last_log = time.monotonic()
         try:
             snapshot = self._pull(client, 0)
@@ -215,6 +221,7 @@ class Worker:
                 meta = PushMeta(
                     run_id=config.run_id, worker_id=s.worker_id, seq=seq,
                     base_version=snapshot.version, loss=loss, samples=int(y.numel()),
+                    pull_dtype=self._pull_dtype, pull_delta=self._pull_delta,
                 )
                 snapshot = self._step(client, meta, encoded, feedback, keeper, config)
                 now = time.monotonic()
@@ -229,6 +236,13 @@ class Worker:
         return 0
 
     def _load(self, named: list[tuple[str, nn.Parameter]], snapshot: ParameterSnapshot) -> None:
+        """Make the model hold `snapshot`'s version: whole, or by a delta from the held one."""
+        if snapshot.version == self._held and snapshot.delta_from in (None, self._held):
+            return  # already there (a pull after a refused push, nothing changed)
+        if snapshot.delta_from is not None and snapshot.delta_from != self._held:
+            raise InvalidRequest(
+                f"server sent a delta from version {snapshot.delta_from}, this worker holds {self._held}"
+            )
         with torch.no_grad():
             for (name, param), tensor in zip(named, snapshot.tensors):
                 if tensor.name != name or tensor.shape != tuple(param.shape):
@@ -236,7 +250,12 @@ class Worker:
                         f"server sent {tensor.name!r} {list(tensor.shape)} for {name!r} "
                         f"{list(param.shape)}: server and worker run different models"
                     )
-                param.copy_(tensor.values.view(tensor.shape), non_blocking=True)
+                values = tensor.float_values().to(param.device, non_blocking=True)
+                if tensor.indices is None:
+                    param.copy_(values.view(tensor.shape))
+                else:
+                    param.view(-1)[tensor.indices.to(param.device)] = values
+        self._held = snapshot.version
 
     def _step(
         self, client: ParameterClient, meta: PushMeta, encoded: list[EncodedTensor],
@@ -280,7 +299,10 @@ class Worker:
         first_failure: float | None = None
         while True:
             try:
-                return client.pull(min_version, self.settings.rpc_timeout)
+                return client.pull(
+                    min_version, self.settings.rpc_timeout, self._pull_dtype,
+                    self._held if self._pull_delta else None,
+                )
             except (ServerUnavailable, VersionNotReached) as exc:
                 state = self._run_state()
                 if state in ("finished", "interrupted"):

@@ -24,37 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!gradhub/v1/parameter_server.proto\x12\ngradhub.v1\"\x96\x02\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12 \n\x05\x64type\x18\x03 \x01(\x0e\x32\x11.gradhub.v1.DType\x12\"\n\x06layout\x18\x04 \x01(\x0e\x32\x12.gradhub.v1.Layout\x12\x0b\n\x03nnz\x18\x05 \x01(\x04\x12&\n\x0bindex_dtype\x18\x06 \x01(\x0e\x32\x11.gradhub.v1.DType\x12\x13\n\x0b\x62yte_length\x18\x07 \x01(\x04\x12\x31\n\x0eindex_encoding\x18\x08 \x01(\x0e\x32\x19.gradhub.v1.IndexEncoding\x12\x13\n\x0bindex_bytes\x18\t \x01(\x04\x12\x13\n\x0bscale_block\x18\n \x01(\r\"\xd8\x01\n\nPushHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x04\x12\'\n\x07tensors\x18\x05 \x03(\x0b\x32\x16.gradhub.v1.TensorSpec\x12\x15\n\rpayload_bytes\x18\x06 \x01(\x04\x12\x0c\n\x04loss\x18\x07 \x01(\x02\x12\x0f\n\x07samples\x18\x08 \x01(\r\x12%\n\npull_dtype\x18\t \x01(\x0e\x32\x11.gradhub.v1.DType\"S\n\x0bPushRequest\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.gradhub.v1.PushHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"A\n\tPushReply\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x11\n\tstaleness\x18\x02 \x01(\x04\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\"g\n\x0bPullRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x13\n\x0bmin_version\x18\x03 \x01(\x04\x12 \n\x05\x64type\x18\x04 \x01(\x0e\x32\x11.gradhub.v1.DType\"o\n\nPullHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\'\n\x07tensors\x18\x02 \x03(\x0b\x32\x16.gradhub.v1.TensorSpec\x12\x15\n\rpayload_bytes\x18\x03 \x01(\x04\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\"{\n\x0cPullResponse\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.gradhub.v1.PullHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12%\n\x06pushed\x18\x04 \x01(\x0b\x32\x15.gradhub.v1.PushReply\"\x12\n\x10GetStatusRequest\"\xa4\x01\n\x0cServerStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x14\n\x0clive_workers\x18\x06 \x03(\t\x12\x16\n\x0epushes_applied\x18\x07 \x01(\x04\x12\x16\n\x0epushes_refused\x18\x08 \x01(\x04*\x9b\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06\x12\x0e\n\nDTYPE_INT8\x10\x07*E\n\x06Layout\x12\x16\n\x12LAYOUT_UNSPECIFIED\x10\x00\x12\x10\n\x0cLAYOUT_DENSE\x10\x01\x12\x11\n\rLAYOUT_SPARSE\x10\x02*c\n\rIndexEncoding\x12\x16\n\x12INDEX_ENCODING_RAW\x10\x00\x12\x1f\n\x1bINDEX_ENCODING_DELTA_VARINT\x10\x01\x12\x19\n\x15INDEX_ENCODING_BITMAP\x10\x02\x32\x90\x02\n\x0fParameterServer\x12\x38\n\x04Push\x12\x17.gradhub.v1.PushRequest\x1a\x15.gradhub.v1.PushReply(\x01\x12;\n\x04Pull\x12\x17.gradhub.v1.PullRequest\x1a\x18.gradhub.v1.PullResponse0\x01\x12\x41\n\x08PushPull\x12\x17.gradhub.v1.PushRequest\x1a\x18.gradhub.v1.PullResponse(\x01\x30\x01\x12\x43\n\tGetStatus\x12\x1c.gradhub.v1.GetStatusRequest\x1a\x18.gradhub.v1.ServerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!gradhub/v1/parameter_server.proto\x12\ngradhub.v1\"\x96\x02\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12 \n\x05\x64type\x18\x03 \x01(\x0e\x32\x11.gradhub.v1.DType\x12\"\n\x06layout\x18\x04 \x01(\x0e\x32\x12.gradhub.v1.Layout\x12\x0b\n\x03nnz\x18\x05 \x01(\x04\x12&\n\x0bindex_dtype\x18\x06 \x01(\x0e\x32\x11.gradhub.v1.DType\x12\x13\n\x0b\x62yte_length\x18\x07 \x01(\x04\x12\x31\n\x0eindex_encoding\x18\x08 \x01(\x0e\x32\x19.gradhub.v1.IndexEncoding\x12\x13\n\x0bindex_bytes\x18\t \x01(\x04\x12\x13\n\x0bscale_block\x18\n \x01(\r\"\xec\x01\n\nPushHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x04\x12\'\n\x07tensors\x18\x05 \x03(\x0b\x32\x16.gradhub.v1.TensorSpec\x12\x15\n\rpayload_bytes\x18\x06 \x01(\x04\x12\x0c\n\x04loss\x18\x07 \x01(\x02\x12\x0f\n\x07samples\x18\x08 \x01(\r\x12%\n\npull_dtype\x18\t \x01(\x0e\x32\x11.gradhub.v1.DType\x12\x12\n\npull_delta\x18\n \x01(\x08\"S\n\x0bPushRequest\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.gradhub.v1.PushHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"A\n\tPushReply\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x11\n\tstaleness\x18\x02 \x01(\x04\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\"\x93\x01\n\x0bPullRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x13\n\x0bmin_version\x18\x03 \x01(\x04\x12 \n\x05\x64type\x18\x04 \x01(\x0e\x32\x11.gradhub.v1.DType\x12\x19\n\x0chave_version\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x0f\n\r_have_version\"\x97\x01\n\nPullHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\'\n\x07tensors\x18\x02 \x03(\x0b\x32\x16.gradhub.v1.TensorSpec\x12\x15\n\rpayload_bytes\x18\x03 \x01(\x04\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x17\n\ndelta_from\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\r\n\x0b_delta_from\"{\n\x0cPullResponse\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.gradhub.v1.PullHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12%\n\x06pushed\x18\x04 \x01(\x0b\x32\x15.gradhub.v1.PushReply\"\x12\n\x10GetStatusRequest\"\xa4\x01\n\x0cServerStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x14\n\x0clive_workers\x18\x06 \x03(\t\x12\x16\n\x0epushes_applied\x18\x07 \x01(\x04\x12\x16\n\x0epushes_refused\x18\x08 \x01(\x04*\x9b\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06\x12\x0e\n\nDTYPE_INT8\x10\x07*E\n\x06Layout\x12\x16\n\x12LAYOUT_UNSPECIFIED\x10\x00\x12\x10\n\x0cLAYOUT_DENSE\x10\x01\x12\x11\n\rLAYOUT_SPARSE\x10\x02*c\n\rIndexEncoding\x12\x16\n\x12INDEX_ENCODING_RAW\x10\x00\x12\x1f\n\x1bINDEX_ENCODING_DELTA_VARINT\x10\x01\x12\x19\n\x15INDEX_ENCODING_BITMAP\x10\x02\x32\x90\x02\n\x0fParameterServer\x12\x38\n\x04Push\x12\x17.gradhub.v1.PushRequest\x1a\x15.gradhub.v1.PushReply(\x01\x12;\n\x04Pull\x12\x17.gradhub.v1.PullRequest\x1a\x18.gradhub.v1.PullResponse0\x01\x12\x41\n\x08PushPull\x12\x17.gradhub.v1.PushRequest\x1a\x18.gradhub.v1.PullResponse(\x01\x30\x01\x12\x43\n\tGetStatus\x12\x1c.gradhub.v1.GetStatusRequest\x1a\x18.gradhub.v1.ServerStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gradhub.v1.parameter_server_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1232
-  _globals['_DTYPE']._serialized_end=1387
-  _globals['_LAYOUT']._serialized_start=1389
-  _globals['_LAYOUT']._serialized_end=1458
-  _globals['_INDEXENCODING']._serialized_start=1460
-  _globals['_INDEXENCODING']._serialized_end=1559
+  _globals['_DTYPE']._serialized_start=1338
+  _globals['_DTYPE']._serialized_end=1493
+  _globals['_LAYOUT']._serialized_start=1495
+  _globals['_LAYOUT']._serialized_end=1564
+  _globals['_INDEXENCODING']._serialized_start=1566
+  _globals['_INDEXENCODING']._serialized_end=1665
   _globals['_TENSORSPEC']._serialized_start=50
   _globals['_TENSORSPEC']._serialized_end=328
   _globals['_PUSHHEADER']._serialized_start=331
-  _globals['_PUSHHEADER']._serialized_end=547
-  _globals['_PUSHREQUEST']._serialized_start=549
-  _globals['_PUSHREQUEST']._serialized_end=632
-  _globals['_PUSHREPLY']._serialized_start=634
-  _globals['_PUSHREPLY']._serialized_end=699
-  _globals['_PULLREQUEST']._serialized_start=701
-  _globals['_PULLREQUEST']._serialized_end=804
-  _globals['_PULLHEADER']._serialized_start=806
-  _globals['_PULLHEADER']._serialized_end=917
-  _globals['_PULLRESPONSE']._serialized_start=919
-  _globals['_PULLRESPONSE']._serialized_end=1042
-  _globals['_GETSTATUSREQUEST']._serialized_start=1044
-  _globals['_GETSTATUSREQUEST']._serialized_end=1062
-  _globals['_SERVERSTATUS']._serialized_start=1065
-  _globals['_SERVERSTATUS']._serialized_end=1229
-  _globals['_PARAMETERSERVER']._serialized_start=1562
-  _globals['_PARAMETERSERVER']._serialized_end=1834
+  _globals['_PUSHHEADER']._serialized_end=567
+  _globals['_PUSHREQUEST']._serialized_start=569
+  _globals['_PUSHREQUEST']._serialized_end=652
+  _globals['_PUSHREPLY']._serialized_start=654
+  _globals['_PUSHREPLY']._serialized_end=719
+  _globals['_PULLREQUEST']._serialized_start=722
+  _globals['_PULLREQUEST']._serialized_end=869
+  _globals['_PULLHEADER']._serialized_start=872
+  _globals['_PULLHEADER']._serialized_end=1023
+  _globals['_PULLRESPONSE']._serialized_start=1025
+  _globals['_PULLRESPONSE']._serialized_end=1148
+  _globals['_GETSTATUSREQUEST']._serialized_start=1150
+  _globals['_GETSTATUSREQUEST']._serialized_end=1168
+  _globals['_SERVERSTATUS']._serialized_start=1171
+  _globals['_SERVERSTATUS']._serialized_end=1335
+  _globals['_PARAMETERSERVER']._serialized_start=1668
+  _globals['_PARAMETERSERVER']._serialized_end=1940
 # @@protoc_insertion_point(module_scope)

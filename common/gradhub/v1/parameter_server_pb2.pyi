@@ -69,7 +69,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., layout: _Optional[_Union[Layout, str]] = ..., nnz: _Optional[int] = ..., index_dtype: _Optional[_Union[DType, str]] = ..., byte_length: _Optional[int] = ..., index_encoding: _Optional[_Union[IndexEncoding, str]] = ..., index_bytes: _Optional[int] = ..., scale_block: _Optional[int] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("run_id", "worker_id", "seq", "base_version", "tensors", "payload_bytes", "loss", "samples", "pull_dtype")
+    __slots__ = ("run_id", "worker_id", "seq", "base_version", "tensors", "payload_bytes", "loss", "samples", "pull_dtype", "pull_delta")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class PushHeader(_message.Message):
     LOSS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     PULL_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PULL_DELTA_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     worker_id: str
     seq: int
@@ -88,7 +89,8 @@ class PushHeader(_message.Message):
     loss: float
     samples: int
     pull_dtype: DType
-    def __init__(self, run_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., payload_bytes: _Optional[int] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ..., pull_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    pull_delta: bool
+    def __init__(self, run_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., payload_bytes: _Optional[int] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ..., pull_dtype: _Optional[_Union[DType, str]] = ..., pull_delta: _Optional[bool] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "offset", "data")
@@ -111,28 +113,32 @@ class PushReply(_message.Message):
     def __init__(self, version: _Optional[int] = ..., staleness: _Optional[int] = ..., finished: _Optional[bool] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("run_id", "worker_id", "min_version", "dtype")
+    __slots__ = ("run_id", "worker_id", "min_version", "dtype", "have_version")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    HAVE_VERSION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     worker_id: str
     min_version: int
     dtype: DType
-    def __init__(self, run_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., min_version: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    have_version: int
+    def __init__(self, run_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., min_version: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., have_version: _Optional[int] = ...) -> None: ...
 
 class PullHeader(_message.Message):
-    __slots__ = ("version", "tensors", "payload_bytes", "finished")
+    __slots__ = ("version", "tensors", "payload_bytes", "finished", "delta_from")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FROM_FIELD_NUMBER: _ClassVar[int]
     version: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     payload_bytes: int
     finished: bool
-    def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., payload_bytes: _Optional[int] = ..., finished: _Optional[bool] = ...) -> None: ...
+    delta_from: int
+    def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., payload_bytes: _Optional[int] = ..., finished: _Optional[bool] = ..., delta_from: _Optional[int] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("header", "offset", "data", "pushed")

@@ -1,0 +1,77 @@
+"""Compressed pulls: a worker holding version v receives only what changed since, exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import random_gradient, small_config
+from gradhub.codecs import codec_from_name
+from gradhub.domain import ParameterSnapshot, PushMeta
+from gradhub.models import build_model
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+def apply_delta(held: list[torch.Tensor], snapshot: ParameterSnapshot) -> list[torch.Tensor]:
+    result = []
+    for old, tensor in zip(held, snapshot.tensors):
+        new = old.clone()
+        if tensor.indices is None:
+            new.copy_(tensor.float_values().view(tensor.shape))
+        else:
+            new.view(-1)[tensor.indices] = tensor.float_values()
+        result.append(new)
+    return result
+
+
+@pytest.fixture
+def server(serve, run_id):
+    server = serve(small_config(run_id, mode="async", workers=1, max_staleness=100))
+    server.register("w")
+    return server
+
+
+def push(server, run_id, seq, base, codec="topk:0.01", seed=0, delta=True):
+    encoded = [codec_from_name(codec, dense_below=0).encode(n, g) for n, g in random_gradient(build_model("cnn"), seed)]
+    meta = PushMeta(run_id, "w", seq, base, pull_delta=delta)
+    return server.client("w").push_pull(meta, encoded, timeout=10)
+
+
+def test_a_delta_carries_only_the_changed_coordinates_and_reproduces_the_parameters_exactly(server, run_id):
+    held = [t.values.view(t.shape).clone() for t in server.client("w").pull(0, 10).tensors]
+    result, delta = push(server, run_id, seq=1, base=0)
+    assert delta.delta_from == 0 and delta.version == result.version == 1
+    assert all(t.indices is not None for t in delta.tensors[:1])  # the big tensors travel sparse
+    assert torch.equal(torch.cat([t.view(-1) for t in apply_delta(held, delta)]),
+                       torch.cat([p.view(-1) for p in server.parameters()]))
+    full = server.client("w").pull(0, 10)
+    assert delta.wire_bytes < full.wire_bytes / 5
+
+
+def test_a_delta_spans_several_versions_and_history_limits_fall_back_to_whole(server, run_id):
+    held = [t.values.view(t.shape).clone() for t in server.client("w").pull(0, 10).tensors]
+    for seq in range(1, 4):
+        push(server, run_id, seq=seq, base=seq - 1, seed=seq)
+    delta = server.client("w").pull(0, 10, have_version=0)
+    assert delta.delta_from == 0 and delta.version == 3
+    assert torch.equal(torch.cat([t.view(-1) for t in apply_delta(held, delta)]),
+                       torch.cat([p.view(-1) for p in server.parameters()]))
+    # Nothing changed since the current version: an empty delta.
+    same = server.client("w").pull(0, 10, have_version=3)
+    assert same.delta_from == 3 and all(t.nnz == 0 for t in same.tensors if t.indices is not None)
+    # From a version the server no longer remembers (it keeps 64), or never had: the whole model.
+    for seq in range(4, 70):
+        push(server, run_id, seq=seq, base=seq - 1, seed=seq)
+    assert server.client("w").pull(0, 10, have_version=1).delta_from is None
+    assert server.client("w").pull(0, 10, have_version=60).delta_from == 60
+    assert server.client("w").pull(0, 10, have_version=99).delta_from is None
+
+
+def test_dense_pushes_give_dense_deltas_and_fp16_pulls_halve_the_bytes(server, run_id):
+    _, delta = push(server, run_id, seq=1, base=0, codec="fp16")
+    assert delta.delta_from == 0 and all(t.indices is None for t in delta.tensors)
+    full32 = server.client("w").pull(0, 10)
+    full16 = server.client("w").pull(0, 10, dtype=torch.float16)
+    assert full16.tensors[0].values.dtype == torch.float16
+    assert full16.wire_bytes < 0.55 * full32.wire_bytes
