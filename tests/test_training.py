@@ -39,3 +39,15 @@ def test_default_async_run_with_three_workers_reaches_92_percent_with_real_stale
     assert summary["staleness"]["max"] >= 1
     assert summary["staleness"]["mean"] > 0
     assert sum(summary["staleness"]["histogram"].values()) == summary["pushes_applied"]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_topk_on_the_wide_model_moves_200_times_fewer_bytes_than_dense(tmp_path: Path, mode: str):
+    # The byte ratio settles within a few hundred steps; accuracy over whole runs is the
+    # README's benchmark (`gradhub bench codecs`), too long for every test run.
+    summary = run_default(tmp_path / mode, "--mode", mode, "--model", "wide", "--compression", "topk:0.001",
+                          "--steps", "300")
+    assert summary["model_parameters"] >= 1_000_000
+    assert summary["dense_bytes_equivalent"] / summary["bytes_pushed"] >= 200, summary
+    # Pulls are deltas: after the first whole pull, what changed (about two pushes' worth).
+    assert summary["bytes_pulled"] < summary["dense_bytes_equivalent"] / 50

@@ -47,7 +47,7 @@ def test_push_round_trip_any_shapes_codecs_and_chunk_sizes(shapes, codec, chunk,
     assert messages[0].HasField("header") and not any(m.HasField("header") for m in messages[1:])
     push = wire.read_push(messages, wire.WireLimits(max_payload_bytes=1 << 20, max_chunk_bytes=chunk))
     assert push.meta == META
-    assert push.wire_bytes == sum(m.ByteSize() for m in messages)
+    assert push.wire_bytes == sum(wire.framed_size(m) for m in messages)
     for a, b in zip(tensors, push.tensors):
         assert_same(a, b)
 

@@ -2,6 +2,7 @@
 
   gradhub run      a whole cluster on this machine (Redis, server, workers); trains and reports
   gradhub status   what a run is doing (from Redis)
+  gradhub bench    measurements: codecs (training runs), topk, apply, indices
   gradhub server   one parameter server (for containers and clusters)
   gradhub worker   one worker (for containers and clusters)
 
@@ -118,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(rest)
     if command == "status":
         return cmd_status(rest)
+    if command == "bench":
+        from gradhub_cli.bench import main as bench_main
+
+        return bench_main(rest)
     if command == "server":
         from gradhub_server.cli import main as server_main
 

@@ -56,6 +56,22 @@ _VARINT_MAX_BYTES = 10
 _MAX_DIMS = 8
 
 
+#: gRPC prefixes every message with a flag byte and a 4-byte length.
+GRPC_MESSAGE_PREFIX = 5
+#: HTTP/2 carries a message in DATA frames of at most 16 KiB (the default frame size),
+#: each behind a 9-byte frame header.
+HTTP2_FRAME = 16384
+HTTP2_FRAME_HEADER = 9
+
+
+def framed_size(message: object) -> int:
+    """Bytes a protobuf message takes on the socket: itself, gRPC's prefix, HTTP/2 frame
+    headers. (A call's HEADERS frames, compressed by HPACK to a few dozen bytes once a
+    connection is warm, are not counted: tests/test_wire_bytes.py measures them.)"""
+    size = message.ByteSize() + GRPC_MESSAGE_PREFIX  # type: ignore[attr-defined]
+    return size + HTTP2_FRAME_HEADER * -(-size // HTTP2_FRAME)
+
+
 @dataclass(frozen=True)
 class WireLimits:
     """What a reader accepts before it allocates anything."""
@@ -413,13 +429,13 @@ def _read_payload(
     """The tensors a stream's header declares, from its chunks; and the stream's wire bytes."""
     layouts = _read_specs(specs, payload_bytes, limits)
     assembler = _Assembler(payload_bytes, limits)
-    wire_bytes = first.ByteSize()
+    wire_bytes = framed_size(first)
     if first.data or first.offset:
         assembler.add(first)
     for message in rest:
         if message.HasField("header"):
             raise InvalidRequest(f"only the first message of a {what} may carry a header")
-        wire_bytes += message.ByteSize()
+        wire_bytes += framed_size(message)
         assembler.add(message)
     return _decode(assembler.finish(), layouts), wire_bytes
 

@@ -39,7 +39,7 @@ class _PullStreams:
         if hit is not None:
             return hit
         messages = wire.pull_responses(snapshot)
-        entry = (messages, sum(m.ByteSize() for m in messages))
+        entry = (messages, sum(wire.framed_size(m) for m in messages))
         with self._lock:
             if any(k[0] != snapshot.version for k in self._cache):
                 self._cache = {k: v for k, v in self._cache.items() if k[0] == snapshot.version}
