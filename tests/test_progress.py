@@ -30,3 +30,12 @@ def test_a_log_gets_one_line_per_interval_and_no_repeated_last_line():
     progress.finish("first")
     progress.finish("done")
     assert stream.getvalue().splitlines() == ["first", "done"]
+
+
+def test_a_log_does_not_repeat_a_step_whose_rate_moved():
+    stream = io.StringIO()
+    progress = ProgressLine(stream, log_interval=0)
+    progress.update("step 3000/3000 | 166 pushes/s", key=3000)
+    progress.finish("step 3000/3000 | 171 pushes/s", key=3000)
+    progress.update("step 10 | 5 pushes/s", key=10)
+    assert stream.getvalue().splitlines() == ["step 3000/3000 | 166 pushes/s", "step 10 | 5 pushes/s"]

@@ -213,14 +213,17 @@ class LocalCluster:
             except CoordinationError as exc:
                 log.debug("status unavailable: %s", exc)
             if status is not None and self._progress is not None:
-                self._progress.update(format_status(status, self.config.workers))
+                self._progress.update(format_status(status, self.config.workers), key=status.get("version"))
             time.sleep(POLL_INTERVAL_S)
         if self._progress is not None:
             try:
                 status = coordinator.read_status() or status
             except CoordinationError:
                 pass
-            self._progress.finish(format_status(status, self.config.workers) if status else None)
+            if status is None:
+                self._progress.finish()
+            else:
+                self._progress.finish(format_status(status, self.config.workers), key=status.get("version"))
         deadline = time.monotonic() + WORKER_EXIT_TIMEOUT_S
         for worker in self.components[1:]:
             code = worker.wait(max(0.0, deadline - time.monotonic()))

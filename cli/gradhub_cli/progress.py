@@ -42,10 +42,13 @@ class ProgressLine:
         self._tty = self._stream.isatty()
         self._interval = log_interval
         self._last_print = 0.0
-        self._last_line: str | None = None
+        self._last_key: object = None
         self._width = 0
 
-    def update(self, line: str) -> None:
+    def update(self, line: str, key: object = None) -> None:
+        """Show `line`. In a log, a line whose `key` (default: the line itself) equals the
+        last written one's is not written again: a rate that moved at the same step is
+        not progress."""
         if self._tty:
             padded = line.ljust(self._width)
             self._width = len(line)
@@ -55,20 +58,21 @@ class ProgressLine:
         now = time.monotonic()
         if now - self._last_print >= self._interval:
             self._last_print = now
-            self._write_line(line)
+            self._write_line(line, key)
 
-    def _write_line(self, line: str) -> None:
-        if line != self._last_line:
-            self._last_line = line
+    def _write_line(self, line: str, key: object) -> None:
+        key = line if key is None else key
+        if key != self._last_key:
+            self._last_key = key
             self._stream.write(line + "\n")
             self._stream.flush()
 
-    def finish(self, line: str | None = None) -> None:
+    def finish(self, line: str | None = None, key: object = None) -> None:
         if line is not None:
             if self._tty:
                 self._stream.write("\r" + line.ljust(self._width) + "\n")
             else:
-                self._write_line(line)
+                self._write_line(line, key)
         elif self._tty and self._width:
             self._stream.write("\n")
         self._stream.flush()
