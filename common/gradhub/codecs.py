@@ -71,42 +71,48 @@ class Float32Values(ValueCodec):
         return torch.zeros_like(values)
 
 
-class Float16Values(ValueCodec):
-    """IEEE half. Magnitudes past 65504 are clamped rather than overflowing to Inf (the
-    server refuses non-finite gradients; with error feedback the clipped part is sent later)."""
+class _ClampedTwoByteValues(ValueCodec):
+    """A 2-byte float type: round to nearest, magnitudes past the type's largest clamped
+    rather than overflowing to Inf (the server refuses non-finite gradients; with error
+    feedback the clamped part is sent later)."""
+
+    dtype: torch.dtype
+    largest: float
+    #: Half a unit in the last place, relative; and half the smallest step, absolute.
+    relative_error: float
+    absolute_error: float
+
+    def encode(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        return values.clamp(-self.largest, self.largest).to(self.dtype).contiguous(), None, 0
+
+    def bytes_for(self, count: int) -> int:
+        return 2 * count
+
+    def error_bound(self, values: torch.Tensor) -> torch.Tensor:
+        magnitude = values.abs()
+        return (magnitude * self.relative_error + self.absolute_error
+                + (magnitude - self.largest).clamp(min=0))
+
+
+class Float16Values(_ClampedTwoByteValues):
+    """IEEE half: an 11-bit significand, largest 65504, subnormals down to 2**-24."""
 
     name = "fp16"
-
-    def encode(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        return values.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).contiguous(), None, 0
-
-    def bytes_for(self, count: int) -> int:
-        return 2 * count
-
-    def error_bound(self, values: torch.Tensor) -> torch.Tensor:
-        magnitude = values.abs()
-        # Half a unit in the last place (11-bit significand), half the smallest subnormal,
-        # plus what clamping removes.
-        return magnitude * 2.0**-11 + 2.0**-25 + (magnitude - FP16_MAX).clamp(min=0)
+    dtype = torch.float16
+    largest = FP16_MAX
+    relative_error = 2.0**-11
+    absolute_error = 2.0**-25
 
 
-class BFloat16Values(ValueCodec):
-    """bfloat16: float32's exponent range, 8-bit significand. The last float32 values
-    above bfloat16's largest would round to Inf: they are clamped."""
+class BFloat16Values(_ClampedTwoByteValues):
+    """bfloat16: float32's exponent range, an 8-bit significand; only float32's
+    subnormals lose more, absolutely bounded by bfloat16's smallest step."""
 
     name = "bf16"
-
-    def encode(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        return values.clamp(-BF16_MAX, BF16_MAX).to(torch.bfloat16).contiguous(), None, 0
-
-    def bytes_for(self, count: int) -> int:
-        return 2 * count
-
-    def error_bound(self, values: torch.Tensor) -> torch.Tensor:
-        # Round-to-nearest on 8 significand bits; bfloat16 keeps float32's exponent range,
-        # so only float32 subnormals lose more, absolutely bounded by bfloat16's smallest step.
-        magnitude = values.abs()
-        return magnitude * 2.0**-8 + 2.0**-133 + (magnitude - BF16_MAX).clamp(min=0)
+    dtype = torch.bfloat16
+    largest = BF16_MAX
+    relative_error = 2.0**-8
+    absolute_error = 2.0**-133
 
 
 class Int8Values(ValueCodec):
