@@ -68,9 +68,12 @@ def test_a_delta_spans_several_versions_and_history_limits_fall_back_to_whole(se
     assert server.client("w").pull(0, 10, have_version=99).delta_from is None
 
 
-def test_dense_pushes_give_dense_deltas_and_fp16_pulls_halve_the_bytes(server, run_id):
+def test_dense_pushes_make_a_delta_pull_the_whole_model_and_fp16_pulls_halve_the_bytes(server, run_id):
+    # Every coordinate changed: the reply is the whole model (the snapshot all pullers share).
     _, delta = push(server, run_id, seq=1, base=0, codec="fp16")
-    assert delta.delta_from == 0 and all(t.indices is None for t in delta.tensors)
+    assert delta.delta_from is None and all(t.indices is None for t in delta.tensors)
+    assert torch.equal(torch.cat([t.float_values() for t in delta.tensors]),
+                       torch.cat([p.view(-1) for p in server.parameters()]))
     full32 = server.client("w").pull(0, 10)
     full16 = server.client("w").pull(0, 10, dtype=torch.float16)
     assert full16.tensors[0].values.dtype == torch.float16

@@ -115,13 +115,16 @@ class ParameterStore:
 
     def snapshot(self, dtype: torch.dtype = torch.float32) -> ParameterSnapshot:
         with self._lock:
-            cached = self._snapshots.get(dtype)
-            if cached is not None:
-                return cached
-            tensors = tuple(dense(name, p.detach().clone(), dtype) for name, p in self._named)
-            snap = ParameterSnapshot(version=self._version, tensors=tensors, finished=self.finished)
-            self._snapshots[dtype] = snap
-            return snap
+            return self._snapshot_locked(dtype)
+
+    def _snapshot_locked(self, dtype: torch.dtype) -> ParameterSnapshot:
+        cached = self._snapshots.get(dtype)
+        if cached is not None:
+            return cached
+        tensors = tuple(dense(name, p.detach().clone(), dtype) for name, p in self._named)
+        snap = ParameterSnapshot(version=self._version, tensors=tensors, finished=self.finished)
+        self._snapshots[dtype] = snap
+        return snap
 
     def wait_for_version(self, version: int, timeout: float) -> bool:
         """True once the store reached `version` or finished; False on timeout or close."""
@@ -138,22 +141,31 @@ class ParameterStore:
     def delta_snapshot(self, have_version: int, dtype: torch.dtype) -> ParameterSnapshot | None:
         """The parameters as a delta against `have_version`, or None when history does not
         reach back that far. Per parameter, the changed coordinates with their current
-        values, or the whole parameter when that is no larger."""
-        changes = self.changed_since(have_version)
-        if changes is None:
-            return None
+        values, or the whole parameter when that is no larger; when every parameter goes
+        whole, the shared full snapshot (dense pushes change everything every version)."""
+        itemsize = torch.empty(0, dtype=dtype).element_size()
         with self._lock:
+            # Changes and values are read under one lock: a version applied in between
+            # would otherwise be claimed without its coordinates.
+            changes = self._changed_since_locked(have_version)
+            if changes is None:
+                return None
             key = (have_version, dtype)
             cached = self._deltas.get(key)
             if cached is not None and cached.version == self._version:
                 return cached
+            whole = [
+                indices is None or indices.numel() * (itemsize + 2) >= param.numel() * itemsize
+                for (_, param), indices in zip(self._named, changes)
+            ]
+            if all(whole):
+                return self._snapshot_locked(dtype)
             tensors = []
-            for (name, param), indices in zip(self._named, changes):
-                itemsize = torch.empty(0, dtype=dtype).element_size()
-                flat = param.detach().view(-1)
-                if indices is None or indices.numel() * (itemsize + 2) >= flat.numel() * itemsize:
+            for (name, param), indices, send_whole in zip(self._named, changes, whole):
+                if send_whole or indices is None:
                     tensors.append(dense(name, param.detach().clone(), dtype))
                 else:
+                    flat = param.detach().view(-1)
                     tensors.append(sparse(name, tuple(param.shape), indices, flat[indices].to(dtype)))
             snap = ParameterSnapshot(
                 version=self._version, tensors=tuple(tensors), finished=self.finished, delta_from=have_version
@@ -166,20 +178,23 @@ class ParameterStore:
         """Per parameter, the unique flat indices changed after `version` (None: maybe all);
         None when the history does not reach back that far."""
         with self._lock:
-            if version > self._version:
-                return None
-            if version < self._version and (not self._changes or self._changes[0][0] > version + 1):
-                return None
-            touched: list[list[torch.Tensor] | None] = [[] for _ in self._named]
-            for changed_version, per_param in self._changes:
-                if changed_version <= version:
-                    continue
-                for i, indices in enumerate(per_param):
-                    parts = touched[i]
-                    if indices is None:
-                        touched[i] = None
-                    elif parts is not None:
-                        parts.append(indices)
+            return self._changed_since_locked(version)
+
+    def _changed_since_locked(self, version: int) -> list[torch.Tensor | None] | None:
+        if version > self._version:
+            return None
+        if version < self._version and (not self._changes or self._changes[0][0] > version + 1):
+            return None
+        touched: list[list[torch.Tensor] | None] = [[] for _ in self._named]
+        for changed_version, per_param in self._changes:
+            if changed_version <= version:
+                continue
+            for i, indices in enumerate(per_param):
+                parts = touched[i]
+                if indices is None:
+                    touched[i] = None
+                elif parts is not None:
+                    parts.append(indices)
         return [_union(parts) for parts in touched]
 
     def versioned_parameters(self) -> tuple[int, list[torch.Tensor]]:
