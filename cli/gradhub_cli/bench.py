@@ -27,6 +27,7 @@ import torch
 
 from gradhub import index_coding
 from gradhub.codecs import ApproxTopK, Float16Values, exact_topk
+from gradhub.config import MODES
 
 
 def _median_seconds(repeats: int, fn: Callable[..., object], *args: Any) -> float:
@@ -208,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     codecs = suites.add_parser("codecs", help="train with each codec in each mode")
     codecs.add_argument("--model", default="wide")
     codecs.add_argument("--workers", type=int, default=2)
-    codecs.add_argument("--modes", nargs="+", default=["sync", "async"], choices=["sync", "async"])
+    codecs.add_argument("--modes", nargs="+", default=["sync", "async"], choices=MODES)
     codecs.add_argument("--codecs", nargs="+", default=["none", "fp16", "topk:0.001"])
     codecs.add_argument("--steps", type=int, help="steps per run (default: the mode's default)")
     codecs.add_argument("--seed", type=int, default=0)

@@ -19,7 +19,7 @@ from typing import Any
 from gradhub.codecs import parse_codec
 from gradhub.errors import ConfigurationError
 
-MODES = ("sync", "async")
+MODES = ("sync", "async", "async-sa")
 OPTIMIZERS = ("sgd", "adam")
 #: How workers pull: whole or only what changed since the version they hold, fp32 or fp16.
 PULL_COMPRESSIONS = ("none", "fp16", "delta", "delta+fp16")
@@ -31,6 +31,8 @@ LR_SCHEDULES = ("constant", "step", "cosine")
 MODE_DEFAULTS: dict[str, dict[str, float | int]] = {
     "sync": {"steps": 3000, "lr": 0.1},
     "async": {"steps": 9000, "lr": 0.03},
+    # Staleness-aware async divides the rate by each push's staleness, from the same start.
+    "async-sa": {"steps": 9000, "lr": 0.03},
 }
 
 
@@ -202,7 +204,7 @@ def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for every RunConfig field. Defaults stay None so that `run_config_from_args`
     can tell a flag the user gave from one they did not (and resolve per-mode defaults)."""
     group = parser.add_argument_group("run configuration (shared by every process of the run)")
-    group.add_argument("--mode", choices=MODES, help="sync: barrier per step; async: apply on arrival (default sync)")
+    group.add_argument("--mode", choices=MODES, help="sync: barrier per step; async: apply on arrival; async-sa: async at lr / staleness (default sync)")
     group.add_argument("--workers", type=int, help="number of workers / data shards (default 2)")
     group.add_argument("--steps", type=int, help="server updates to make (default: sync 3000, async 9000)")
     group.add_argument("--model", help="built-in model name (cnn, mlp, linear) or module:function (default cnn)")

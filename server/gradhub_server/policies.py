@@ -9,6 +9,9 @@ Each policy is one small class behind `UpdatePolicy`, chosen by the run's mode:
   waited for; a gradient it pushed before dying still counts.
 - `async`: every push is applied on arrival. Its staleness (server version minus
   the version it was computed on) is recorded; beyond `max_staleness` it is refused.
+- `async-sa`: `async` with a staleness-aware learning rate (Zhang et al., IJCAI 2016):
+  a push of staleness t > 0 is applied at lr / t, so the stalest gradients move the
+  model least; a fresh one gets the full rate.
 
 Validation (shapes, finiteness, identity, no version from the future) happened
 before `submit`: a policy only decides about well-formed gradients.
@@ -192,15 +195,28 @@ class AsyncPolicy(UpdatePolicy):
                     f"gradient computed on version {push.meta.base_version} is {staleness} "
                     f"versions stale; this run refuses more than {self.config.max_staleness}"
                 )
-            new_version = self.store.apply(submission.gradient)
+            new_version = self.store.apply(submission.gradient, self.lr_scale(staleness))
             self.stats.record_applied(push, staleness=staleness, rank=submission.rank)
         return PushResult(
             version=new_version, staleness=staleness, finished=new_version >= self.store.steps
         )
 
+    def lr_scale(self, staleness: int) -> float:
+        """The factor on the scheduled learning rate for a push this stale."""
+        return 1.0
+
+
+class StalenessAwarePolicy(AsyncPolicy):
+    name = "async-sa"
+
+    def lr_scale(self, staleness: int) -> float:
+        return 1.0 / max(1, staleness)
+
 
 PolicyFactory = Callable[[RunConfig, ParameterStore, Membership, ServerStats], UpdatePolicy]
-_POLICIES: dict[str, PolicyFactory] = {"sync": SyncPolicy, "async": AsyncPolicy}
+_POLICIES: dict[str, PolicyFactory] = {
+    "sync": SyncPolicy, "async": AsyncPolicy, "async-sa": StalenessAwarePolicy,
+}
 
 
 def register_policy(name: str, factory: PolicyFactory) -> None:

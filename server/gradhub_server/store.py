@@ -204,13 +204,14 @@ class ParameterStore:
 
     # --- changing -------------------------------------------------------------------------
 
-    def apply(self, gradient: Sequence[Gradient]) -> int:
+    def apply(self, gradient: Sequence[Gradient], lr_scale: float = 1.0) -> int:
         """One step with `gradient` (validated; dense fp32 tensors or SparseGradients,
-        applied in O(k)); returns the new version."""
+        applied in O(k)), at the scheduled learning rate times `lr_scale`; returns the new
+        version."""
         with self._lock:
             if self.finished:
                 raise RunFinished(f"the run finished at version {self._version}")
-            self.rule.set_lr_factor(self._schedule(self._version / self.steps))
+            self.rule.set_lr_factor(self._schedule(self._version / self.steps) * lr_scale)
             self.rule.apply(gradient)
             self._version += 1
             self._changes.append(
