@@ -56,6 +56,10 @@ def test_invalid_configurations_are_refused_with_every_problem_named():
         RunConfig(run_id="r", mode="fast", workers=0, lr=-1)
     for text in ("mode must be one of", "workers must be at least 1", "lr must be positive"):
         assert text in str(info.value)
+    with pytest.raises(ConfigurationError, match=r"backup_workers must be >= 0 and below workers \(2\)"):
+        RunConfig(run_id="r", workers=2, backup_workers=2)
+    with pytest.raises(ConfigurationError, match="backup_workers applies to mode sync only"):
+        RunConfig(run_id="r", mode="async", workers=3, backup_workers=1)
 
 
 def test_json_round_trip_and_agreement():

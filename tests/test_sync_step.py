@@ -17,6 +17,7 @@ from conftest import small_config, wait_until
 from gradhub.codecs import codec_from_name
 from gradhub.data import load_dataset
 from gradhub.domain import PushMeta
+from gradhub.errors import StalePush
 from gradhub.models import build_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -96,3 +97,38 @@ def test_sync_push_waits_for_every_live_worker(serve, run_id):
         result_a = pending.result(timeout=30)
     assert result_a.version == result_b.version == 1
     assert server.app.stats.totals()["pushes_applied"] == 2
+
+
+def test_backup_workers_step_with_the_first_pushes_and_drop_exactly_the_late_one(serve, run_id):
+    config = small_config(run_id, workers=3, backup_workers=1, lr=0.1)
+    server = serve(config)
+    torch.manual_seed(config.seed)
+    reference = build_model(config.model)
+    for worker in ("a", "b", "c"):
+        server.register(worker)
+    gradients = {w: batch_gradient(reference, rank) for rank, w in enumerate(("a", "b", "c"))}
+    codec = codec_from_name("none")
+
+    def push(worker: str):
+        meta = PushMeta(run_id=run_id, worker_id=worker, seq=1, base_version=0)
+        return server.client(worker).push(meta, [codec.encode(n, g) for n, g in gradients[worker]], timeout=30)
+
+    # a and b are 3 - 1 of 3: their step goes ahead without waiting for c.
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(push, ["a", "b"]))
+    assert [r.version for r in results] == [1, 1]
+    after_step = server.parameters()
+    # c's gradient for that step comes late: dropped, counted, and the model untouched.
+    with pytest.raises(StalePush, match="went ahead without this gradient"):  # ABORTED on the wire
+        push("c")
+    assert all(torch.equal(x, y) for x, y in zip(after_step, server.parameters()))
+    totals = server.app.stats.totals()
+    assert totals["pushes_applied"] == 2 and totals["refused_by_reason"] == {"LatePush": 1}
+
+    # The step was the mean of a's and b's gradients only.
+    optimizer = torch.optim.SGD(reference.parameters(), lr=config.lr)
+    for p, (_, ga), (_, gb) in zip(reference.parameters(), gradients["a"], gradients["b"]):
+        p.grad = (ga + gb) / 2
+    optimizer.step()
+    for expected, got in zip(reference.parameters(), after_step):
+        torch.testing.assert_close(got, expected.detach(), rtol=0, atol=1e-7)

@@ -79,6 +79,9 @@ class RunConfig:
     pull_compression: str = "delta"
     #: Async only: a push staler than this many versions is refused.
     max_staleness: int = 16
+    #: Sync only: backup workers (Chen et al. 2016). A step goes ahead once all but this
+    #: many live workers have pushed; the pushes that come later for it are dropped.
+    backup_workers: int = 0
     #: Samples per worker per step.
     batch_size: int = 50
     seed: int = 0
@@ -112,6 +115,11 @@ class RunConfig:
             parse_codec(self.compression)
         except ConfigurationError as exc:
             problems.append(str(exc))
+        if not 0 <= self.backup_workers < self.workers:
+            problems.append(f"backup_workers must be >= 0 and below workers ({self.workers}), "
+                            f"got {self.backup_workers}")
+        elif self.backup_workers and self.mode != "sync":
+            problems.append("backup_workers applies to mode sync only")
         if self.max_staleness < 0:
             problems.append(f"max_staleness must be >= 0, got {self.max_staleness}")
         if not self.lease_seconds > 0:
@@ -233,6 +241,8 @@ def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
                        help="pulls: none (fp32, whole), fp16, delta (only what changed since the worker's "
                             "version; exact), delta+fp16 (default delta)")
     group.add_argument("--max-staleness", type=int, help="async: refuse pushes staler than this (default 16)")
+    group.add_argument("--backup-workers", type=int,
+                       help="sync: take each step once all but this many live workers pushed; drop the late (default 0)")
     group.add_argument("--batch-size", type=int, help="samples per worker per step (default 50)")
     group.add_argument("--seed", type=int, help="seed of initialisation and data order (default 0)")
     group.add_argument("--eval-every", type=int, help="evaluate on the held-out split every N versions (default 100)")
@@ -243,7 +253,7 @@ _RUN_FLAG_FIELDS = (
     "mode", "workers", "steps", "model", "model_kwargs", "dataset", "optimizer", "lr", "lr_schedule",
     "momentum", "weight_decay", "compression", "dense_below", "momentum_correction", "momentum_masking",
     "clip_norm",
-    "sparsity_warmup", "pull_compression", "max_staleness", "batch_size", "seed",
+    "sparsity_warmup", "pull_compression", "max_staleness", "backup_workers", "batch_size", "seed",
     "eval_every", "lease_seconds",
 )
 

@@ -49,6 +49,11 @@ class StalePush(GradhubError):
     """A push computed on a version too old for the policy: pull and compute again."""
 
 
+class LatePush(StalePush):
+    """A push for a sync step that went ahead without it (backup workers): dropped, and
+    counted apart from other refusals."""
+
+
 class DuplicatePush(GradhubError):
     """A push whose sequence number was already taken: it was applied (or refused) before."""
 

@@ -7,6 +7,9 @@ Each policy is one small class behind `UpdatePolicy`, chosen by the run's mode:
   rank order, so the result is reproducible) makes one optimizer step. A push
   returns once its step is applied. A worker whose lease expires stops being
   waited for; a gradient it pushed before dying still counts.
+  With `backup_workers` b (Chen et al. 2016), a step goes ahead once all but b live
+  workers have pushed; a push that arrives after its step is dropped (`LatePush`,
+  counted) and its worker, as after any refusal, keeps it in its residual.
 - `async`: every push is applied on arrival. Its staleness (server version minus
   the version it was computed on) is recorded; beyond `max_staleness` it is refused.
 - `async-sa`: `async` with a staleness-aware learning rate (Zhang et al., IJCAI 2016):
@@ -29,7 +32,7 @@ import torch
 
 from gradhub.config import RunConfig
 from gradhub.domain import Push, PushResult
-from gradhub.errors import DuplicatePush, ServerUnavailable, StalePush
+from gradhub.errors import DuplicatePush, LatePush, ServerUnavailable, StalePush
 from gradhub.retry import Deadline
 from gradhub_server.membership import Membership
 from gradhub_server.stats import ServerStats
@@ -120,6 +123,11 @@ class SyncPolicy(UpdatePolicy):
         deadline = Deadline(timeout)
         with self._cond:
             step = self.store.version
+            if push.meta.base_version < step and self.config.backup_workers:
+                raise LatePush(
+                    f"step {push.meta.base_version + 1} went ahead without this gradient "
+                    f"(backup workers: {self.config.backup_workers}); it was dropped"
+                )
             if push.meta.base_version < step:
                 raise StalePush(
                     f"step {step} is under way; this gradient was computed on version "
@@ -155,8 +163,8 @@ class SyncPolicy(UpdatePolicy):
         """With the lock held: take the step if every live worker has pushed."""
         if not self._pending:
             return
-        live = self.membership.live()
-        if any(worker not in self._pending for worker in live):
+        missing = [worker for worker in self.membership.live() if worker not in self._pending]
+        if len(missing) > self.config.backup_workers:
             return
         entries = sorted(self._pending.values(), key=lambda s: (s.rank, s.push.meta.worker_id))
         self.store.apply(mean_gradient([e.gradient for e in entries], self.store.shapes))
