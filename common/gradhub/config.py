@@ -215,7 +215,7 @@ def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mode", choices=MODES, help="sync: barrier per step; async: apply on arrival; async-sa: async at lr / staleness (default sync)")
     group.add_argument("--workers", type=int, help="number of workers / data shards (default 2)")
     group.add_argument("--steps", type=int, help="server updates to make (default: sync 3000, async 9000)")
-    group.add_argument("--model", help="built-in model name (cnn, mlp, linear) or module:function (default cnn)")
+    group.add_argument("--model", help="built-in model name (cnn, wide, mlp, linear) or module:function (default cnn)")
     group.add_argument("--model-kwargs", type=parse_json_object, help="JSON object of keyword arguments for the model")
     group.add_argument("--dataset", help="dataset (default mnist1d)")
     group.add_argument("--optimizer", choices=OPTIMIZERS, help="server-side optimizer (default sgd, with momentum)")

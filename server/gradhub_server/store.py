@@ -147,13 +147,13 @@ class ParameterStore:
         with self._lock:
             # Changes and values are read under one lock: a version applied in between
             # would otherwise be claimed without its coordinates.
-            changes = self._changed_since_locked(have_version)
-            if changes is None:
-                return None
             key = (have_version, dtype)
             cached = self._deltas.get(key)
             if cached is not None and cached.version == self._version:
-                return cached
+                return cached  # every worker at have_version asks for the same delta
+            changes = self._changed_since_locked(have_version)
+            if changes is None:
+                return None
             whole = [
                 indices is None or indices.numel() * (itemsize + 2) >= param.numel() * itemsize
                 for (_, param), indices in zip(self._named, changes)
