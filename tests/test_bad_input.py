@@ -127,6 +127,11 @@ def test_malformed_streams_are_refused_before_anything_is_allocated(async_server
     after = async_server.parameters()
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert stub.Push(iter(chunked), timeout=10).version == 1
+    # A stream refused before it was whole is charged to no worker: the per-worker table
+    # lists only workers that pushed something readable.
+    totals = async_server.app.stats.totals()
+    assert totals["pushes_refused"] == totals["pushes_refused_unattributed"] == len(cases)
+    assert list(totals["workers"]) == ["good"]
 
 
 def test_stale_and_duplicate_pushes_are_refused_and_counted(async_server, stub, run_id):

@@ -3,6 +3,9 @@
 Refusals are errors as data: each is counted under its reason (the exception's
 name) and the server goes on. Pushes that arrive after the last step are counted
 apart (`pushes_after_finish`): they are the normal end of an async run, not faults.
+Refusals that name no worker (a stream that ended before its header, e.g. from a
+worker killed mid-push) count in the totals but get no per-worker entry, so the
+per-worker table lists only workers that exist.
 """
 
 from __future__ import annotations
@@ -64,11 +67,14 @@ class ServerStats:
     def __init__(self, loss_smoothing: float = 0.05) -> None:
         self._lock = threading.Lock()
         self._workers: dict[str, WorkerCounters] = {}
+        self._unattributed = WorkerCounters()
         self._applied_times: deque[float] = deque()
         self._loss_ema: float | None = None
         self._smoothing = loss_smoothing
 
     def _worker(self, worker_id: str) -> WorkerCounters:
+        if not worker_id:
+            return self._unattributed
         counters = self._workers.get(worker_id)
         if counters is None:
             counters = self._workers[worker_id] = WorkerCounters()
@@ -100,7 +106,7 @@ class ServerStats:
         self, worker_id: str, reason: str, wire_bytes: int, dense_bytes: int, after_finish: bool
     ) -> None:
         with self._lock:
-            w = self._worker(worker_id or "<unknown>")
+            w = self._worker(worker_id)
             w.bytes_pushed += wire_bytes
             w.dense_bytes_equivalent += dense_bytes
             if after_finish:
@@ -111,7 +117,7 @@ class ServerStats:
 
     def record_pull(self, worker_id: str, wire_bytes: int) -> None:
         with self._lock:
-            w = self._worker(worker_id or "<unknown>")
+            w = self._worker(worker_id)
             w.bytes_pulled += wire_bytes
 
     @property
@@ -130,21 +136,21 @@ class ServerStats:
     def totals(self) -> dict[str, Any]:
         with self._lock:
             workers = {k: v.as_dict() for k, v in sorted(self._workers.items())}
+            every = [*self._workers.values(), self._unattributed]
             histogram: Counter[int] = Counter()
             reasons: Counter[str] = Counter()
-            for counters in self._workers.values():
+            for counters in every:
                 histogram.update(counters.staleness)
                 reasons.update(counters.refused_by_reason)
             return {
-                "pushes_applied": sum(w.pushes_applied for w in self._workers.values()),
-                "pushes_refused": sum(w.pushes_refused for w in self._workers.values()),
-                "pushes_after_finish": sum(w.pushes_after_finish for w in self._workers.values()),
+                "pushes_applied": sum(w.pushes_applied for w in every),
+                "pushes_refused": sum(w.pushes_refused for w in every),
+                "pushes_refused_unattributed": self._unattributed.pushes_refused,
+                "pushes_after_finish": sum(w.pushes_after_finish for w in every),
                 "refused_by_reason": dict(reasons),
-                "bytes_pushed": sum(w.bytes_pushed for w in self._workers.values()),
-                "bytes_pulled": sum(w.bytes_pulled for w in self._workers.values()),
-                "dense_bytes_equivalent": sum(
-                    w.dense_bytes_equivalent for w in self._workers.values()
-                ),
+                "bytes_pushed": sum(w.bytes_pushed for w in every),
+                "bytes_pulled": sum(w.bytes_pulled for w in every),
+                "dense_bytes_equivalent": sum(w.dense_bytes_equivalent for w in every),
                 "staleness": staleness_summary(histogram),
                 "workers": workers,
             }
