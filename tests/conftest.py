@@ -129,12 +129,19 @@ class InProcessServer:
         self.app = ServerApp(self.config, coordinator, ServerSettings(out=out, drain_timeout=0.0))
         self.address = self.app.start()
         self._clients: list[Any] = []
+        self._leases: dict[str, Any] = {}
 
     def register(self, worker_id: str) -> int:
         lease = self.coordinator.try_register(worker_id, self.config.workers, lease_seconds=60)
         assert lease is not None, "no free rank"
+        self._leases[worker_id] = lease
         self.app.membership.refresh()
         return lease.rank
+
+    def leave(self, worker_id: str) -> None:
+        """The worker's lease goes, as when it dies; the server's view follows at once."""
+        self.coordinator.release(self._leases.pop(worker_id))
+        self.app.membership.refresh()
 
     def client(self, worker_id: str) -> Any:
         from gradhub_worker.client import ParameterClient

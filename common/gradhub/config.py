@@ -17,9 +17,12 @@ from datetime import datetime, timezone
 from typing import Any
 
 from gradhub.codecs import parse_codec
+from gradhub.delays import parse_delay, parse_slowdown
 from gradhub.errors import ConfigurationError
 
-MODES = ("sync", "async", "async-sa")
+MODES = ("sync", "ssp", "async", "async-sa", "dc-asgd")
+#: Modes that apply each push on arrival (staleness is tracked and bounded).
+ASYNC_MODES = ("ssp", "async", "async-sa", "dc-asgd")
 OPTIMIZERS = ("sgd", "adam")
 #: How workers pull: whole or only what changed since the version they hold, fp32 or fp16.
 PULL_COMPRESSIONS = ("none", "fp16", "delta", "delta+fp16")
@@ -31,8 +34,11 @@ LR_SCHEDULES = ("constant", "step", "cosine")
 MODE_DEFAULTS: dict[str, dict[str, float | int]] = {
     "sync": {"steps": 3000, "lr": 0.1},
     "async": {"steps": 9000, "lr": 0.03},
-    # Staleness-aware async divides the rate by each push's staleness, from the same start.
+    # Staleness-aware async divides the rate by each push's staleness, from the same start;
+    # SSP and DC-ASGD are async with a bound or a correction, from the same start too.
     "async-sa": {"steps": 9000, "lr": 0.03},
+    "ssp": {"steps": 9000, "lr": 0.03},
+    "dc-asgd": {"steps": 9000, "lr": 0.03},
 }
 
 
@@ -79,6 +85,20 @@ class RunConfig:
     pull_compression: str = "delta"
     #: Async only: a push staler than this many versions is refused.
     max_staleness: int = 16
+    #: SSP only: a worker more than this many pushes ahead of the slowest live worker
+    #: waits at its pull (Ho et al. 2013).
+    ssp_bound: int = 3
+    #: DC-ASGD only: the variance-control factor lambda_0 of the adaptive variant
+    #: (Zheng et al. 2017): lambda_t = lambda_0 / sqrt(mean square of the gradient).
+    dc_lambda: float = 2.0
+    #: Artificial staleness tau (async modes): the server applies each push tau pushes
+    #: after it arrived, so with one worker every gradient is exactly tau versions stale.
+    inject_staleness: int = 0
+    #: Injected delay per worker step, seeded by (seed, rank): none | constant:MS |
+    #: exponential:MEAN_MS | lognormal:MEDIAN_MS:SIGMA | pareto:SCALE_MS:ALPHA.
+    delay: str = "none"
+    #: Per-rank slowdown factors, e.g. "0:3" (rank 0 takes 3x as long per step).
+    slowdown: str = ""
     #: Sync only: backup workers (Chen et al. 2016). A step goes ahead once all but this
     #: many live workers have pushed; the pushes that come later for it are dropped.
     backup_workers: int = 0
@@ -120,6 +140,20 @@ class RunConfig:
                             f"got {self.backup_workers}")
         elif self.backup_workers and self.mode != "sync":
             problems.append("backup_workers applies to mode sync only")
+        if self.ssp_bound < 0 or self.inject_staleness < 0:
+            problems.append("ssp_bound and inject_staleness must be >= 0")
+        if self.inject_staleness and self.mode not in ASYNC_MODES:
+            problems.append(f"inject_staleness applies to the async modes {ASYNC_MODES}, not {self.mode}")
+        if self.inject_staleness > self.max_staleness:
+            problems.append(f"inject_staleness ({self.inject_staleness}) exceeds max_staleness "
+                            f"({self.max_staleness}): every push would be refused; raise --max-staleness")
+        if not self.dc_lambda >= 0:
+            problems.append(f"dc_lambda must be >= 0, got {self.dc_lambda}")
+        try:
+            parse_delay(self.delay)
+            parse_slowdown(self.slowdown, self.workers)
+        except ConfigurationError as exc:
+            problems.append(str(exc))
         if self.max_staleness < 0:
             problems.append(f"max_staleness must be >= 0, got {self.max_staleness}")
         if not self.lease_seconds > 0:
@@ -212,7 +246,10 @@ def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for every RunConfig field. Defaults stay None so that `run_config_from_args`
     can tell a flag the user gave from one they did not (and resolve per-mode defaults)."""
     group = parser.add_argument_group("run configuration (shared by every process of the run)")
-    group.add_argument("--mode", choices=MODES, help="sync: barrier per step; async: apply on arrival; async-sa: async at lr / staleness (default sync)")
+    group.add_argument("--mode", choices=MODES,
+                       help="sync: barrier per step; ssp: async, no worker more than --ssp-bound pushes ahead; "
+                            "async: apply on arrival; async-sa: async at lr / staleness; dc-asgd: async with "
+                            "delay compensation (default sync)")
     group.add_argument("--workers", type=int, help="number of workers / data shards (default 2)")
     group.add_argument("--steps", type=int, help="server updates to make (default: sync 3000, async 9000)")
     group.add_argument("--model", help="built-in model name (cnn, wide, mlp, linear) or module:function (default cnn)")
@@ -241,6 +278,14 @@ def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
                        help="pulls: none (fp32, whole), fp16, delta (only what changed since the worker's "
                             "version; exact), delta+fp16 (default delta)")
     group.add_argument("--max-staleness", type=int, help="async: refuse pushes staler than this (default 16)")
+    group.add_argument("--ssp-bound", type=int, help="ssp: the staleness bound s in pushes (default 3)")
+    group.add_argument("--dc-lambda", type=float, help="dc-asgd: lambda_0 of the adaptive compensation (default 2)")
+    group.add_argument("--inject-staleness", type=int,
+                       help="async modes: apply every push this many pushes late (tau; default 0)")
+    group.add_argument("--delay",
+                       help="injected delay per worker step, seeded: none | constant:MS | exponential:MEAN_MS | "
+                            "lognormal:MEDIAN_MS:SIGMA | pareto:SCALE_MS:ALPHA (default none)")
+    group.add_argument("--slowdown", help="per-rank slowdown factors, e.g. 0:3 or 0:3,2:1.5 (default none)")
     group.add_argument("--backup-workers", type=int,
                        help="sync: take each step once all but this many live workers pushed; drop the late (default 0)")
     group.add_argument("--batch-size", type=int, help="samples per worker per step (default 50)")
@@ -253,7 +298,8 @@ _RUN_FLAG_FIELDS = (
     "mode", "workers", "steps", "model", "model_kwargs", "dataset", "optimizer", "lr", "lr_schedule",
     "momentum", "weight_decay", "compression", "dense_below", "momentum_correction", "momentum_masking",
     "clip_norm",
-    "sparsity_warmup", "pull_compression", "max_staleness", "backup_workers", "batch_size", "seed",
+    "sparsity_warmup", "pull_compression", "max_staleness", "ssp_bound", "dc_lambda", "inject_staleness",
+    "delay", "slowdown", "backup_workers", "batch_size", "seed",
     "eval_every", "lease_seconds",
 )
 

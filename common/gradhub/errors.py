@@ -70,6 +70,10 @@ class VersionNotReached(GradhubError):
     """A pull waited for a version that did not come before its deadline."""
 
 
+class PullDeferred(VersionNotReached):
+    """SSP: the worker is too far ahead of the slowest one to read yet; pull again."""
+
+
 # --- coordination ---------------------------------------------------------------------------
 
 

@@ -471,12 +471,17 @@ def read_push(requests: Iterable[pb.PushRequest], limits: WireLimits) -> Push:
 
 def read_push_pull(
     responses: Iterable[pb.PullResponse], limits: WireLimits
-) -> tuple[PushResult, ParameterSnapshot]:
-    """Validate and decode a PushPull stream: the push's fate, then the parameters."""
+) -> tuple[PushResult, ParameterSnapshot | None]:
+    """Validate and decode a PushPull stream: the push's fate, then the parameters; None
+    for them when the server deferred the pull (SSP: the worker must pull again)."""
     iterator = iter(responses)
     first = next(iterator, None)
     if first is None or not first.HasField("pushed"):
         raise InvalidRequest("the first message of a PushPull must say what became of the push")
+    if not first.HasField("header"):
+        if next(iterator, None) is not None:
+            raise InvalidRequest("a deferred PushPull must end after saying what became of the push")
+        return push_result(first.pushed), None
     return push_result(first.pushed), read_pull(itertools.chain([first], iterator), limits)
 
 

@@ -161,7 +161,7 @@ class ServerApp:
         wall = self.core.wall_seconds()
         record = summary(
             self.config, "interrupted" if interrupted else "finished", self.store.version,
-            self.model_parameters, _eval_dict(final), wall, totals,
+            self.model_parameters, _eval_dict(final), wall, totals, self.policy.report(),
         )
         self.metrics.write({"event": "end", "wall_seconds": round(wall, 3), "status": record["status"],
                             "version": self.store.version})

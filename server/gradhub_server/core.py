@@ -28,6 +28,7 @@ from gradhub.errors import (
     VersionNotReached,
     WrongRun,
 )
+from gradhub.retry import Deadline
 from gradhub_server.membership import Membership
 from gradhub_server.policies import Submission, UpdatePolicy
 from gradhub_server.stats import ServerStats
@@ -112,28 +113,33 @@ class ParameterServerCore:
 
     def pull(
         self, run_id: str, min_version: int, dtype: torch.dtype, timeout: float | None,
-        have_version: int | None = None,
+        have_version: int | None = None, worker_id: str = "",
     ) -> ParameterSnapshot:
-        """The parameters once the server reaches `min_version`: a delta against
-        `have_version` when the caller holds it and the history allows, else whole."""
+        """The parameters once the server reaches `min_version` and the policy lets the
+        worker read (SSP): a delta against `have_version` when the caller holds it and the
+        history allows, else whole."""
         if run_id != self.config.run_id:
             raise WrongRun(f"pull for run {run_id!r}; this server serves {self.config.run_id!r}")
         if self._closing:
             raise ServerUnavailable("the server is stopping")
-        if min_version > self.store.version and not self.store.finished:
-            wait = DEFAULT_WAIT_S if timeout is None else timeout
-            if not self.store.wait_for_version(min_version, wait):
-                if self._closing:
-                    raise ServerUnavailable("the server is stopping")
-                raise VersionNotReached(
-                    f"version {min_version} not reached within {wait:.1f}s "
-                    f"(server at {self.store.version})"
-                )
+        wait = DEFAULT_WAIT_S if timeout is None else timeout
+        deadline = Deadline(wait)
+        waiting = min_version > self.store.version and not self.store.finished
+        if waiting and not self.store.wait_for_version(min_version, wait):
+            if self._closing:
+                raise ServerUnavailable("the server is stopping")
+            raise VersionNotReached(
+                f"version {min_version} not reached within {wait:.1f}s "
+                f"(server at {self.store.version})"
+            )
+        self.policy.before_pull(worker_id, deadline.remaining())
+        snapshot = None
         if have_version is not None:
-            delta = self.store.delta_snapshot(have_version, dtype)
-            if delta is not None:
-                return delta
-        return self.store.snapshot(dtype)
+            snapshot = self.store.delta_snapshot(have_version, dtype)
+        if snapshot is None:
+            snapshot = self.store.snapshot(dtype)
+        self.policy.after_pull(worker_id, snapshot)
+        return snapshot
 
     def close(self) -> None:
         self._closing = True

@@ -15,6 +15,17 @@ Each policy is one small class behind `UpdatePolicy`, chosen by the run's mode:
 - `async-sa`: `async` with a staleness-aware learning rate (Zhang et al., IJCAI 2016):
   a push of staleness t > 0 is applied at lr / t, so the stalest gradients move the
   model least; a fresh one gets the full rate.
+- `ssp`: `async` with a bound s (Ho et al., NIPS 2013): a worker's clock is the number
+  of its pushes applied; a worker more than s pushes ahead of the slowest live worker
+  waits at its pull until the slowest catches up (or dies and leaves the membership).
+- `dc-asgd`: `async` with delay compensation (Zheng et al., ICML 2017): a push computed
+  on parameters w_base is applied as g + lambda * g*g*(w_now - w_base). w_base is a
+  server-side mirror of what each worker holds (see `delay_compensation`).
+
+Every async mode can apply pushes `inject_staleness` (tau) pushes late: a FIFO holds
+the last tau pushes and each arrival applies the oldest (the first tau arrivals only
+advance the version). With one worker every gradient is then exactly tau versions
+stale, free of timing noise; the last tau pushes of a run are never applied.
 
 Validation (shapes, finiteness, identity, no version from the future) happened
 before `submit`: a policy only decides about well-formed gradients.
@@ -24,16 +35,20 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from gradhub.config import RunConfig
-from gradhub.domain import Push, PushResult
-from gradhub.errors import DuplicatePush, LatePush, ServerUnavailable, StalePush
+from gradhub.domain import ParameterSnapshot, Push, PushResult
+from gradhub.errors import DuplicatePush, LatePush, PullDeferred, ServerUnavailable, StalePush
 from gradhub.retry import Deadline
+from gradhub_server.delay_compensation import DelayCompensation, WorkerMirrors
 from gradhub_server.membership import Membership
 from gradhub_server.stats import ServerStats
 from gradhub_server.store import ParameterStore
@@ -98,6 +113,17 @@ class UpdatePolicy(ABC):
     def on_membership_change(self) -> None:
         """Called when workers join or leave."""
 
+    def before_pull(self, worker_id: str, timeout: float) -> None:
+        """Block while `worker_id` may not read the parameters yet (SSP); raise PullDeferred
+        when that lasts past `timeout`."""
+
+    def after_pull(self, worker_id: str, snapshot: ParameterSnapshot) -> None:
+        """`snapshot` is on its way to `worker_id`."""
+
+    def report(self) -> dict[str, Any]:
+        """The policy's own figures, for the run's summary."""
+        return {"name": self.name}
+
     def pending(self) -> list[str]:
         """Workers whose pushes wait for a step (empty for policies that never wait)."""
         return []
@@ -136,6 +162,7 @@ class SyncPolicy(UpdatePolicy):
             if worker in self._pending:
                 raise DuplicatePush(f"worker {worker} already pushed a gradient for step {step}")
             self._pending[worker] = submission
+            waiting = time.monotonic()
             self._try_step()
             while self.store.version == step:
                 if self._closed:
@@ -153,6 +180,7 @@ class SyncPolicy(UpdatePolicy):
                 self._cond.wait(min(remaining, BARRIER_TICK_S))
                 self._try_step()
             version = self.store.version
+        self.stats.record_wait(worker, time.monotonic() - waiting)
         return PushResult(version=version, staleness=0, finished=version >= self.store.steps)
 
     def pending(self) -> list[str]:
@@ -192,26 +220,57 @@ class AsyncPolicy(UpdatePolicy):
     ) -> None:
         super().__init__(config, store, membership, stats)
         self._lock = threading.Lock()
+        #: The injected-staleness line: pushes waiting to be applied tau arrivals later.
+        self._line: deque[_Delayed] = deque()
 
     def submit(self, submission: Submission, timeout: float) -> PushResult:
         push = submission.push
+        tau = self.config.inject_staleness
         with self._lock:
             version = self.store.version
             staleness = version - push.meta.base_version
-            if staleness > self.config.max_staleness:
+            if staleness + tau > self.config.max_staleness:
                 raise StalePush(
                     f"gradient computed on version {push.meta.base_version} is {staleness} "
-                    f"versions stale; this run refuses more than {self.config.max_staleness}"
+                    f"versions stale{f' (+{tau} injected)' if tau else ''}; this run refuses more "
+                    f"than {self.config.max_staleness}"
                 )
-            new_version = self.store.apply(submission.gradient, self.lr_scale(staleness))
-            self.stats.record_applied(push, staleness=staleness, rank=submission.rank)
+            self.on_arrival(submission)
+            self._line.append(_Delayed(submission, self.base_of(submission)))
+            if len(self._line) <= tau:
+                new_version = self.store.advance()
+            else:
+                due = self._line.popleft()
+                applied_staleness = version - due.submission.push.meta.base_version
+                gradient = self.compensate(due.submission.gradient, due.base)
+                new_version = self.store.apply(gradient, self.lr_scale(applied_staleness))
+                self.stats.record_applied(
+                    due.submission.push, staleness=applied_staleness, rank=due.submission.rank
+                )
         return PushResult(
-            version=new_version, staleness=staleness, finished=new_version >= self.store.steps
+            version=new_version, staleness=staleness + tau, finished=new_version >= self.store.steps
         )
 
     def lr_scale(self, staleness: int) -> float:
         """The factor on the scheduled learning rate for a push this stale."""
         return 1.0
+
+    def on_arrival(self, submission: Submission) -> None:
+        """With the lock held: a push was accepted (it may be applied later)."""
+
+    def base_of(self, submission: Submission) -> list[torch.Tensor] | None:
+        """With the lock held: the parameters the push was computed on, where kept."""
+        return None
+
+    def compensate(self, gradient: Sequence[Gradient], base: list[torch.Tensor] | None) -> Sequence[Gradient]:
+        """With the lock held, just before applying: the gradient as it will be applied."""
+        return gradient
+
+
+@dataclass(frozen=True)
+class _Delayed:
+    submission: Submission
+    base: list[torch.Tensor] | None
 
 
 class StalenessAwarePolicy(AsyncPolicy):
@@ -221,9 +280,119 @@ class StalenessAwarePolicy(AsyncPolicy):
         return 1.0 / max(1, staleness)
 
 
+class StaleSynchronousPolicy(AsyncPolicy):
+    """SSP. A worker's clock counts its accepted pushes. Every live worker has a clock, so
+    one that registered but has not pushed yet holds the others at the bound; a worker
+    that joins a running run (a newcomer, a replacement) starts at the slowest live
+    clock, so it neither waits for the others to come back to zero nor holds them back."""
+
+    name = "ssp"
+
+    def __init__(
+        self, config: RunConfig, store: ParameterStore, membership: Membership, stats: ServerStats
+    ) -> None:
+        self._gate = threading.Condition()
+        self._clock: dict[str, int] = {}
+        self.max_lead = 0
+        self.waits = 0
+        self.wait_seconds = 0.0
+        self._closed = False
+        super().__init__(config, store, membership, stats)
+
+    def _clock_of_locked(self, worker: str) -> int:
+        if worker not in self._clock:
+            self._clock[worker] = min(self._clock.values(), default=0)
+        return self._clock[worker]
+
+    def on_arrival(self, submission: Submission) -> None:
+        with self._gate:
+            worker = submission.push.meta.worker_id
+            self._clock[worker] = self._clock_of_locked(worker) + 1
+            self._gate.notify_all()
+
+    def before_pull(self, worker_id: str, timeout: float) -> None:
+        if self.membership.rank_of(worker_id) is None:
+            return  # not a worker of the run (a reader): nothing to hold back
+        deadline = Deadline(timeout)
+        bound = self.config.ssp_bound
+        started = time.monotonic()
+        waited = False
+        with self._gate:
+            while True:
+                mine = self._clock_of_locked(worker_id)
+                lead = mine - min(self._clock.values())
+                if lead <= bound or self.store.finished:
+                    break
+                if self._closed:
+                    raise ServerUnavailable("the server is stopping")
+                if deadline.expired():
+                    raise PullDeferred(
+                        f"worker {worker_id} is {lead} pushes ahead of the slowest live worker; "
+                        f"the bound is {bound}: pull again"
+                    )
+                waited = True
+                self._gate.wait(min(deadline.remaining(), BARRIER_TICK_S))
+            self.max_lead = max(self.max_lead, lead)
+            if waited:
+                self.waits += 1
+                self.wait_seconds += time.monotonic() - started
+        if waited:
+            self.stats.record_wait(worker_id, time.monotonic() - started)
+
+    def on_membership_change(self) -> None:
+        with self._gate:
+            live = set(self.membership.live())
+            for worker in [w for w in self._clock if w not in live]:
+                del self._clock[worker]  # a dead worker holds nobody back
+            for worker in sorted(live - set(self._clock)):
+                self._clock_of_locked(worker)
+            self._gate.notify_all()
+
+    def clocks(self) -> dict[str, int]:
+        with self._gate:
+            return dict(self._clock)
+
+    def close(self) -> None:
+        with self._gate:
+            self._closed = True
+            self._gate.notify_all()
+
+    def report(self) -> dict[str, Any]:
+        with self._gate:
+            return {"name": self.name, "bound": self.config.ssp_bound, "max_lead": self.max_lead,
+                    "waits": self.waits, "wait_seconds": round(self.wait_seconds, 3)}
+
+
+class DelayCompensatedPolicy(AsyncPolicy):
+    name = "dc-asgd"
+
+    def __init__(
+        self, config: RunConfig, store: ParameterStore, membership: Membership, stats: ServerStats
+    ) -> None:
+        super().__init__(config, store, membership, stats)
+        self._mirrors = WorkerMirrors()
+        self._compensation = DelayCompensation(store.shapes, config.dc_lambda)
+
+    def after_pull(self, worker_id: str, snapshot: ParameterSnapshot) -> None:
+        self._mirrors.update(worker_id, snapshot)
+
+    def base_of(self, submission: Submission) -> list[torch.Tensor] | None:
+        return self._mirrors.holding(submission.push.meta.worker_id, submission.push.meta.base_version)
+
+    def compensate(self, gradient: Sequence[Gradient], base: list[torch.Tensor] | None) -> Sequence[Gradient]:
+        return self._compensation.apply(gradient, self.store.current_parameters(), base)
+
+    def on_membership_change(self) -> None:
+        self._mirrors.keep_only(set(self.membership.live()))
+
+    def report(self) -> dict[str, Any]:
+        return {"name": self.name, "lambda": self.config.dc_lambda, **self._compensation.report()}
+
+
 PolicyFactory = Callable[[RunConfig, ParameterStore, Membership, ServerStats], UpdatePolicy]
 _POLICIES: dict[str, PolicyFactory] = {
-    "sync": SyncPolicy, "async": AsyncPolicy, "async-sa": StalenessAwarePolicy,
+    "sync": SyncPolicy, "ssp": StaleSynchronousPolicy, "async": AsyncPolicy,
+    "async-sa": StalenessAwarePolicy, "dc-asgd": DelayCompensatedPolicy,
 }
 
 

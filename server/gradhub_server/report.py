@@ -63,6 +63,7 @@ def summary(
     final_eval: dict[str, Any] | None,
     wall_seconds: float,
     totals: dict[str, Any],
+    policy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     dense = totals["dense_bytes_equivalent"]
     pushed = totals["bytes_pushed"]
@@ -92,6 +93,10 @@ def summary(
         "dense_bytes_equivalent": dense,
         "compression_ratio": round(dense / pushed, 3) if pushed else None,
         "staleness": totals["staleness"],
+        "wait_seconds": totals["wait_seconds"],
+        "policy": policy or {"name": config.mode},
+        "injected": {"staleness": config.inject_staleness, "delay": config.delay,
+                     "slowdown": config.slowdown},
         "per_worker": totals["workers"],
     }
 

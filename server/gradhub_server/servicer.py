@@ -10,7 +10,7 @@ import torch
 
 from gradhub import wire
 from gradhub.domain import ParameterSnapshot, Push, PushResult
-from gradhub.errors import GradhubError, status_for
+from gradhub.errors import GradhubError, PullDeferred, status_for
 from gradhub.v1 import parameter_server_pb2 as pb
 from gradhub.v1 import parameter_server_pb2_grpc as pb_grpc
 from gradhub_server.core import ParameterServerCore
@@ -70,8 +70,15 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         context: grpc.ServicerContext, pushed: PushResult | None = None, have_version: int | None = None,
     ) -> Iterator[pb.PullResponse]:
         try:
-            snapshot = self._core.pull(run_id, min_version, dtype, _wait_budget(context), have_version)
+            snapshot = self._core.pull(
+                run_id, min_version, dtype, _wait_budget(context), have_version, worker_id
+            )
         except GradhubError as exc:
+            if isinstance(exc, PullDeferred) and pushed is not None:
+                # The push stands; the worker may not read yet (SSP). Say so without
+                # parameters: an error status here would read as a failed push.
+                yield pb.PullResponse(pushed=wire.push_reply(pushed))
+                return
             context.abort(status_for(exc), str(exc))
             raise  # unreachable: abort raises
         messages, size = self._streams.get(snapshot, dtype)

@@ -35,6 +35,9 @@ class WorkerCounters:
     staleness: Counter[int] = field(default_factory=Counter)
     last_base_version: int = 0
     last_loss: float = float("nan")
+    #: Time spent held back: at a sync barrier, or at an SSP pull.
+    waits: int = 0
+    wait_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -48,6 +51,8 @@ class WorkerCounters:
             "dense_bytes_equivalent": self.dense_bytes_equivalent,
             "staleness": staleness_summary(self.staleness),
             "last_base_version": self.last_base_version,
+            "waits": self.waits,
+            "wait_seconds": round(self.wait_seconds, 3),
         }
 
 
@@ -115,6 +120,12 @@ class ServerStats:
                 w.pushes_refused += 1
                 w.refused_by_reason[reason] += 1
 
+    def record_wait(self, worker_id: str, seconds: float) -> None:
+        with self._lock:
+            w = self._worker(worker_id)
+            w.waits += 1
+            w.wait_seconds += seconds
+
     def record_pull(self, worker_id: str, wire_bytes: int) -> None:
         with self._lock:
             w = self._worker(worker_id)
@@ -151,6 +162,7 @@ class ServerStats:
                 "bytes_pushed": sum(w.bytes_pushed for w in every),
                 "bytes_pulled": sum(w.bytes_pulled for w in every),
                 "dense_bytes_equivalent": sum(w.dense_bytes_equivalent for w in every),
+                "wait_seconds": round(sum(w.wait_seconds for w in every), 3),
                 "staleness": staleness_summary(histogram),
                 "workers": workers,
             }

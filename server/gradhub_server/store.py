@@ -223,6 +223,25 @@ class ParameterStore:
             self._changed.notify_all()
             return self._version
 
+    def advance(self) -> int:
+        """A version that changes nothing (injected staleness fills its line with these)."""
+        with self._lock:
+            if self.finished:
+                raise RunFinished(f"the run finished at version {self._version}")
+            self._version += 1
+            self._changes.append(
+                (self._version, [torch.empty(0, dtype=torch.int64) for _ in self._named])
+            )
+            if self._version >= self.steps:
+                self.finished_at = time.monotonic()
+            self._snapshots.clear()
+            self._changed.notify_all()
+            return self._version
+
+    def current_parameters(self) -> list[torch.Tensor]:
+        """The live parameters, not copied: only for a caller that serialises with `apply`."""
+        return [p.detach() for _, p in self._named]
+
     def close(self) -> None:
         with self._changed:
             self._closed = True

@@ -54,8 +54,9 @@ class ParameterClient:
 
     def push_pull(
         self, meta: PushMeta, tensors: Sequence[EncodedTensor], timeout: float
-    ) -> tuple[PushResult, ParameterSnapshot]:
-        """Push, then receive the parameters of the version the push led to: one round trip."""
+    ) -> tuple[PushResult, ParameterSnapshot | None]:
+        """Push, then receive the parameters of the version the push led to: one round trip.
+        No parameters when the server deferred the pull (SSP)."""
         try:
             return wire.read_push_pull(
                 self._stub.PushPull(wire.push_requests(meta, tensors), timeout=timeout), self._limits

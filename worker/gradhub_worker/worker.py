@@ -24,6 +24,7 @@ from gradhub.codecs import codec_from_name
 from gradhub.config import RunConfig, momentum_on_workers, pull_delta_of, pull_dtype_of
 from gradhub.coordination import Lease, RunCoordinator
 from gradhub.data import load_dataset, shard_indices
+from gradhub.delays import StepDelay
 from gradhub.domain import ParameterSnapshot, PushMeta
 from gradhub.encoded import WIRE_DTYPES, EncodedTensor
 from gradhub.errors import (
@@ -199,6 +200,9 @@ class Worker:
     ) -> int:
         s = self.settings
         feedback = feedback_for(config, keeper.lease.rank)
+        delay = StepDelay(config.delay, config.slowdown, config.seed, keeper.lease.rank, config.workers)
+        if delay.active:
+            log.info("injected delay %s, slowdown x%g", config.delay, delay.factor)
         named = list(model.named_parameters())
         seq = 0
         self._pull_dtype = WIRE_DTYPES[pull_dtype_of(config)]
@@ -209,6 +213,7 @@ class Worker:
             while not snapshot.finished:
                 if keeper.lost.is_set():
                     keeper.replace(self._reregister(config, keeper.lease))
+                computing = time.monotonic()
                 self._load(named, snapshot)
                 x, y = batches.next()
                 model.zero_grad(set_to_none=True)
@@ -217,6 +222,9 @@ class Worker:
                 loss = loss_tensor.item()
                 gradients = [(n, p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in named]
                 encoded = feedback.encode(gradients, [p for _, p in named], snapshot.version)
+                if delay.active:
+                    # The injected straggling itself (a lab feature), not synchronisation.
+                    time.sleep(delay.idle_seconds(time.monotonic() - computing))
                 seq += 1
                 meta = PushMeta(
                     run_id=config.run_id, worker_id=s.worker_id, seq=seq,
@@ -264,8 +272,10 @@ class Worker:
         """Push and receive the next parameters in one call; a refused push goes back to the
         residual and the parameters are pulled. Raises RunFinished when the run is over."""
         try:
-            _, snapshot = client.push_pull(meta, encoded, self.settings.rpc_timeout)
+            result, snapshot = client.push_pull(meta, encoded, self.settings.rpc_timeout)
             self.pushes_applied += 1
+            if snapshot is None:  # SSP held this worker back: the push stands, pull again
+                return self._pull(client, result.version)
             return snapshot
         except DuplicatePush:
             pass  # this seq was already taken: nothing to give back
