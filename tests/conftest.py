@@ -126,7 +126,7 @@ class InProcessServer:
 
         self.config = coordinator.publish_config(config)
         self.coordinator = coordinator
-        self.app = ServerApp(self.config, coordinator, ServerSettings(out=out, drain_timeout=0.0))
+        self.app = ServerApp(self.config, coordinator, ServerSettings(out=out, drain_timeout=0.0, metrics_interval=0.1))
         self.address = self.app.start()
         self._clients: list[Any] = []
         self._leases: dict[str, Any] = {}

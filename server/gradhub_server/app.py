@@ -30,8 +30,9 @@ from gradhub.v1 import parameter_server_pb2_grpc as pb_grpc
 from gradhub_server.core import ParameterServerCore
 from gradhub_server.evaluation import BackgroundEvaluator, Evaluation, Evaluator
 from gradhub_server.membership import Membership
+from gradhub_server.metrics_http import MetricsServer, render
 from gradhub_server.policies import build_policy
-from gradhub_server.report import MetricsLog, summary, write_run_folder
+from gradhub_server.report import MetricsLog, metrics_record, summary, write_run_folder
 from gradhub_server.schedules import schedule_from_name
 from gradhub_server.servicer import ParameterServerServicer
 from gradhub_server.stats import ServerStats
@@ -56,6 +57,10 @@ class ServerSettings:
     #: Grace given to in-flight RPCs when the gRPC server stops.
     stop_grace: float = 2.0
     rpc_threads: int = 0
+    #: host:port of the Prometheus `/metrics` endpoint (port 0: a free one); None: off.
+    metrics_bind: str | None = "127.0.0.1:0"
+    #: How often a `metrics` record goes to metrics.jsonl.
+    metrics_interval: float = 1.0
     channel_options: tuple[tuple[str, Any], ...] = field(
         default=(
             ("grpc.keepalive_permit_without_calls", 1),
@@ -78,6 +83,8 @@ class ServerApp:
         self.coordinator = coordinator
         self.settings = settings
         self.address: str | None = None
+        self.metrics_url: str | None = None
+        self._metrics_http: MetricsServer | None = None
         self._stop_requested = threading.Event()
         self._finished = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -131,6 +138,15 @@ class ServerApp:
             {"event": "start", "wall_seconds": 0.0, "address": self.address,
              "model_parameters": self.model_parameters, "config": self.config.as_dict()}
         )
+        if self.settings.metrics_bind:
+            self._metrics_http = MetricsServer(
+                self.settings.metrics_bind, lambda: render(self.status(), self.stats.totals())
+            )
+            self._metrics_http.start()
+            host = self.settings.metrics_bind.rpartition(":")[0]
+            if host in ("0.0.0.0", "[::]", ""):
+                host = socket.gethostname()
+            self.metrics_url = f"http://{host}:{self._metrics_http.port}/metrics"
         self.membership.start()
         self.evaluator.start()
         self._grpc.start()
@@ -140,10 +156,11 @@ class ServerApp:
         self._publish()
         self._spawn(self._status_loop, "status")
         self._spawn(self._progress_loop, "progress")
+        self._spawn(self._metrics_loop, "metrics")
         log.info(
-            "serving run %s (%s, %d workers, %s, %d parameters) on %s",
+            "serving run %s (%s, %d workers, %s, %d parameters) on %s; metrics at %s",
             self.config.run_id, self.config.mode, self.config.workers, self.config.model,
-            self.model_parameters, self.address,
+            self.model_parameters, self.address, self.metrics_url or "(off)",
         )
         return self.address
 
@@ -157,6 +174,7 @@ class ServerApp:
         interrupted = not self.store.finished
         self._state = "interrupted" if interrupted else "finishing"
         final = self.evaluator.evaluate_now()
+        self._write_metrics()
         totals = self.stats.totals()
         wall = self.core.wall_seconds()
         record = summary(
@@ -184,6 +202,9 @@ class ServerApp:
         self.membership.stop()
         for thread in self._threads:
             thread.join(timeout=5)
+        if self._metrics_http is not None:
+            self._metrics_http.stop()
+            self._metrics_http = None
         self.metrics.close()
 
     # --- background work -------------------------------------------------------------------
@@ -217,6 +238,16 @@ class ServerApp:
                 next_eval = (self.store.version // self.config.eval_every + 1) * self.config.eval_every
             self.store.wait_for_version(next_eval, 0.5)
 
+    def _metrics_loop(self) -> None:
+        while not self._stop_requested.wait(self.settings.metrics_interval):
+            if self.store.finished:
+                return  # `wait` writes the last record
+            self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        """One `metrics` record: what /metrics shows, as a line of metrics.jsonl."""
+        self.metrics.write(metrics_record(self.core.status(), self.stats.totals(), self.core.wall_seconds()))
+
     def _publish(self) -> None:
         status = self.status()
         try:
@@ -230,6 +261,7 @@ class ServerApp:
         status = self.core.status()
         status["state"] = self._state
         status["address"] = self.address
+        status["metrics_url"] = self.metrics_url
         status["updated_at"] = time.time()
         if self._last_eval is not None:
             status["test_accuracy"] = self._last_eval.test_accuracy

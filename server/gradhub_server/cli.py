@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", type=Path, help="dataset cache folder (default ~/.cache/gradhub)")
     parser.add_argument("--drain-timeout", type=float, default=10.0,
                         help="seconds to wait for workers to leave after the last step")
+    parser.add_argument("--metrics-bind", default="127.0.0.1:0",
+                        help="host:port of the Prometheus /metrics endpoint; port 0 picks one; 'off' disables it")
+    parser.add_argument("--metrics-interval", type=float, default=1.0,
+                        help="seconds between `metrics` records in metrics.jsonl (default 1)")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
     add_run_config_arguments(parser)
@@ -70,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             advertise=args.advertise,
             cache_dir=args.cache_dir,
             drain_timeout=args.drain_timeout,
+            metrics_bind=None if args.metrics_bind == "off" else args.metrics_bind,
+            metrics_interval=args.metrics_interval,
         )
         app = ServerApp(config, coordinator, settings)
         app.start()

@@ -1,7 +1,8 @@
 """The run folder the server writes: metrics.jsonl as it goes, the rest at the end.
 
 - `metrics.jsonl`   one JSON object per line: `start`, `eval` (every eval_every
-                    versions), `membership` (workers joining or leaving), `end`
+                    versions), `metrics` (every second: the /metrics figures),
+                    `membership` (workers joining or leaving), `end`
 - `summary.json`    the run's figures (see `summary()` for the keys)
 - `training.png`    test accuracy and loss against steps and wall time
 - `staleness.png`   staleness histogram per worker
@@ -47,6 +48,38 @@ class MetricsLog:
     def close(self) -> None:
         with self._lock:
             self._file.close()
+
+
+def metrics_record(status: dict[str, Any], totals: dict[str, Any], wall_seconds: float) -> dict[str, Any]:
+    """The `metrics` event: counters so far, per worker its staleness histogram, version lag
+    and time held back (barrier or SSP)."""
+    version = status["version"]
+    return {
+        "event": "metrics",
+        "wall_seconds": round(wall_seconds, 3),
+        "version": version,
+        "updates_per_second": status["pushes_per_second"],
+        "live_workers": len(status["live_workers"]),
+        "pushes_applied": totals["pushes_applied"],
+        "pushes_refused": totals["pushes_refused"],
+        "pushes_dropped": totals["refused_by_reason"].get("LatePush", 0),
+        "refused_by_reason": totals["refused_by_reason"],
+        "wait_seconds": totals["wait_seconds"],
+        "staleness_mean": totals["staleness"]["mean"],
+        "staleness_max": totals["staleness"]["max"],
+        "per_worker": {
+            worker: {
+                "rank": c["rank"],
+                "pushes_applied": c["pushes_applied"],
+                "pushes_refused": c["pushes_refused"],
+                "version_lag": version - c["last_base_version"] if c["pushes_applied"] else None,
+                "waits": c["waits"],
+                "wait_seconds": c["wait_seconds"],
+                "staleness": c["staleness"]["histogram"],
+            }
+            for worker, c in totals["workers"].items()
+        },
+    }
 
 
 def _atomic_write(path: Path, text: str) -> None:
