@@ -28,6 +28,7 @@ import torch
 from gradhub import index_coding
 from gradhub.codecs import ApproxTopK, Float16Values, exact_topk
 from gradhub.config import MODES
+from gradhub_cli.runs import finished_with, record_command
 
 
 def _median_seconds(repeats: int, fn: Callable[..., object], *args: Any) -> float:
@@ -51,20 +52,6 @@ def _write(out: Path, suite: str, rows: list[dict[str, Any]], table: str, meta: 
 # --- codecs: whole training runs ---------------------------------------------------------
 
 
-_COMMAND_FILE = "bench-command.json"
-
-
-def _finished_with(run_dir: Path, arguments: list[str]) -> bool:
-    """A run folder holding a finished run of exactly these arguments is reused, so an
-    interrupted sweep of hour-long runs resumes where it stopped instead of starting over."""
-    try:
-        recorded = json.loads((run_dir / _COMMAND_FILE).read_text())
-        status = json.loads((run_dir / "summary.json").read_text()).get("status")
-    except (OSError, ValueError):
-        return False
-    return bool(recorded == arguments and status == "finished")
-
-
 def bench_codecs(args: argparse.Namespace) -> None:
     rows: list[dict[str, Any]] = []
     for mode in args.modes:
@@ -79,13 +66,13 @@ def bench_codecs(args: argparse.Namespace) -> None:
             ]
             print(f"[{len(rows) + 1}/{len(args.modes) * len(args.codecs)}] {' '.join(command[3:])}",
                   file=sys.stderr, flush=True)
-            if _finished_with(run_dir, command[3:]):
+            if finished_with(run_dir, command[3:]):
                 print("    reusing the finished run already in that folder", file=sys.stderr, flush=True)
             else:
                 result = subprocess.run(command, capture_output=True, text=True)
                 if result.returncode != 0:
                     raise SystemExit(f"run failed:\n{result.stderr[-2000:]}")
-                (run_dir / _COMMAND_FILE).write_text(json.dumps(command[3:]) + "\n")
+                record_command(run_dir, command[3:])
             summary = json.loads((run_dir / "summary.json").read_text())
             pushes = summary["pushes_applied"] + summary["pushes_refused"] + summary.get("pushes_after_finish", 0)
             rows.append({

@@ -3,6 +3,8 @@
   gradhub run      a whole cluster on this machine (Redis, server, workers); trains and reports
   gradhub status   what a run is doing (from Redis)
   gradhub bench    measurements: codecs (training runs), topk, apply, indices
+  gradhub sweep    a grid of runs (policies x workers x delays x staleness x codecs x seeds):
+                   CSV, plots and a markdown report
   gradhub server   one parameter server (for containers and clusters)
   gradhub worker   one worker (for containers and clusters)
 
@@ -123,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         from gradhub_cli.bench import main as bench_main
 
         return bench_main(rest)
+    if command == "sweep":
+        from gradhub_cli.sweep import main as sweep_main
+
+        return sweep_main(rest)
     if command == "server":
         from gradhub_server.cli import main as server_main
 

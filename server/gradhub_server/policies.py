@@ -321,7 +321,10 @@ class StaleSynchronousPolicy(AsyncPolicy):
             while True:
                 mine = self._clock_of_locked(worker_id)
                 lead = mine - min(self._clock.values())
-                if lead <= bound or self.store.finished:
+                if self.store.finished:
+                    lead = 0  # nothing more to bound: the last pulls only say "finished"
+                    break
+                if lead <= bound:
                     break
                 if self._closed:
                     raise ServerUnavailable("the server is stopping")
