@@ -3,6 +3,9 @@ tau, DC-ASGD's compensation. Real Redis, real gRPC on port 0, workers as threads
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -143,3 +146,21 @@ def test_dc_asgd_adds_the_compensation_term_against_the_worker_s_own_copy(serve,
         torch.testing.assert_close(p2, p1 - LR * compensated, rtol=1e-5, atol=1e-6)
     report = server.app.policy.report()
     assert (report["compensated"], report["uncompensated"]) == (1, 1), report
+
+
+@pytest.mark.timeout(120)
+def test_a_run_whose_training_diverges_ends_as_diverged_with_a_summary(tmp_path):
+    # DC-ASGD with a large lambda under tau = 16 blows up within a few hundred steps
+    # (found by sweeping; see docs/lab): the worker's gradients turn non-finite and stay so.
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "gradhub_cli", "run", "--workers", "1", "--mode", "dc-asgd", "--dc-lambda", "0.5",
+         "--inject-staleness", "16", "--max-staleness", "40", "--steps", "1500", "--out", str(out),
+         "--no-progress"],
+        capture_output=True, text=True, timeout=110,
+    )
+    assert result.returncode == 3, result.stderr  # gradhub run's exit status for "diverged"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["steps"] < 1500, summary
+    assert "NaN or Inf" in summary["diverged"]["reason"]
+    assert " diverged in " in result.stdout

@@ -25,6 +25,9 @@ from gradhub.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
+#: `gradhub run`'s exit status when training diverged: the run folder holds its summary.
+EXIT_DIVERGED = 3
+
 
 def _run_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -92,7 +95,7 @@ def cmd_run(argv: list[str]) -> int:
         print(f"gradhub run: {exc}", file=sys.stderr)
         return 2
     print(format_summary(summary, out))
-    return 0 if summary["status"] == "finished" else 1
+    return {"finished": 0, "diverged": EXIT_DIVERGED}.get(summary["status"], 1)
 
 
 def cmd_status(argv: list[str]) -> int:

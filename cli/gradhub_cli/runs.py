@@ -16,7 +16,7 @@ def finished_with(run_dir: Path, arguments: list[str]) -> bool:
         status = json.loads((run_dir / "summary.json").read_text()).get("status")
     except (OSError, ValueError):
         return False
-    return bool(recorded == arguments and status == "finished")
+    return bool(recorded == arguments and status in ("finished", "diverged"))
 
 
 def record_command(run_dir: Path, arguments: list[str]) -> None:

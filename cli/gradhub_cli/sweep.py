@@ -43,6 +43,7 @@ import yaml
 
 from gradhub.config import RunConfig
 from gradhub.errors import ConfigurationError
+from gradhub_cli.main import EXIT_DIVERGED
 from gradhub_cli.runs import finished_with, record_command
 
 #: Grid axes besides policies and seeds, with the `gradhub run` setting each one sets.
@@ -213,14 +214,14 @@ def run_sweep(args: argparse.Namespace) -> int:
             print("    reusing the finished run in that folder", file=sys.stderr, flush=True)
         else:
             result = subprocess.run([sys.executable, "-m", "gradhub_cli", *arguments], capture_output=True, text=True)
-            if result.returncode != 0:
+            if result.returncode not in (0, EXIT_DIVERGED):  # a diverged run is a result
                 print(f"run failed ({run_dir}):\n{result.stderr[-3000:]}", file=sys.stderr)
                 return 1
             record_command(run_dir, arguments)
             ran += 1
         summary = json.loads((run_dir / "summary.json").read_text())
         rows.append(_row(cell, seed, run_dir, summary))
-        print(f"    accuracy {100 * summary['final_test_accuracy']:.2f} %, {summary['wall_seconds']:.1f} s, "
+        print(f"    {summary['status']}: accuracy {100 * summary['final_test_accuracy']:.2f} %, {summary['wall_seconds']:.1f} s, "
               f"staleness mean {summary['staleness']['mean']:.2f}", file=sys.stderr, flush=True)
     command = "gradhub sweep " + " ".join(shlex.quote(a) for a in args.argv)
     write_outputs(out, grid, cells, rows, command)
@@ -235,6 +236,7 @@ def _row(cell: Cell, seed: int, run_dir: Path, summary: dict[str, Any]) -> dict[
         **{axis: cell.value(axis) for axis in AXES},
         "seed": seed,
         "mode": summary["mode"],
+        "status": summary["status"],
         "steps": summary["steps"],
         "final_test_accuracy": summary["final_test_accuracy"],
         "wall_seconds": summary["wall_seconds"],

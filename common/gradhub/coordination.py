@@ -206,6 +206,16 @@ class RunCoordinator:
         text = self._call("read the run status", lambda: self.client.get(self.key("status")))
         return None if text is None else dict(json.loads(str(text)))
 
+    def report_diverged(self, worker_id: str, version: int, reason: str) -> None:
+        """A worker saw training diverge (its gradients stay non-finite); the first report
+        stands. The server ends the run with status `diverged`."""
+        text = json.dumps({"worker_id": worker_id, "version": version, "reason": reason})
+        self._call("report divergence", lambda: self.client.set(self.key("diverged"), text, nx=True))
+
+    def read_diverged(self) -> dict[str, Any] | None:
+        text = self._call("read divergence", lambda: self.client.get(self.key("diverged")))
+        return None if text is None else dict(json.loads(str(text)))
+
 
 def list_runs(client: redis.Redis) -> list[str]:
     """Run ids known to this Redis, newest first."""

@@ -89,6 +89,8 @@ class ServerApp:
         self._finished = threading.Event()
         self._threads: list[threading.Thread] = []
         self._last_eval: Evaluation | None = None
+        #: A worker's divergence report, once one came: the run then ends as `diverged`.
+        self.diverged: dict[str, Any] | None = None
         self._state = "starting"
 
         torch.manual_seed(config.seed)
@@ -172,22 +174,25 @@ class ServerApp:
         while not (self.store.finished or self._stop_requested.is_set()):
             self._stop_requested.wait(0.05)
         interrupted = not self.store.finished
-        self._state = "interrupted" if interrupted else "finishing"
+        ended = "diverged" if self.diverged and interrupted else ("interrupted" if interrupted else "finished")
+        self._state = ended if interrupted else "finishing"
         final = self.evaluator.evaluate_now()
         self._write_metrics()
         totals = self.stats.totals()
         wall = self.core.wall_seconds()
         record = summary(
-            self.config, "interrupted" if interrupted else "finished", self.store.version,
+            self.config, ended, self.store.version,
             self.model_parameters, _eval_dict(final), wall, totals, self.policy.report(),
         )
+        if self.diverged:
+            record["diverged"] = self.diverged
         self.metrics.write({"event": "end", "wall_seconds": round(wall, 3), "status": record["status"],
                             "version": self.store.version})
         write_run_folder(
             self.settings.out, self.config, record, self.store.state_dict(), list(self.metrics.evals),
             self.stats.staleness_histograms(),
         )
-        self._state = "interrupted" if interrupted else "finished"
+        self._state = ended
         self._publish()
         if not interrupted:
             self._drain()
@@ -228,6 +233,19 @@ class ServerApp:
     def _status_loop(self) -> None:
         while not self._stop_requested.wait(self.settings.status_interval):
             self._publish()
+            self._check_diverged()
+
+    def _check_diverged(self) -> None:
+        try:
+            report = self.coordinator.read_diverged()
+        except CoordinationError as exc:
+            log.debug("divergence check failed: %s", exc)
+            return
+        if report is not None and self.diverged is None:
+            log.error("training diverged (reported by %s at version %s: %s); ending the run",
+                      report.get("worker_id"), report.get("version"), report.get("reason"))
+            self.diverged = report
+            self.request_stop()
 
     def _progress_loop(self) -> None:
         """Request an evaluation every eval_every versions."""

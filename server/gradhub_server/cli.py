@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         record["run_id"], record["status"], record["steps"], record["final_test_accuracy"] or 0.0,
         settings.out,
     )
-    return 0 if record["status"] == "finished" else 130
+    # A diverged run is a result (the staleness lab records it), not a failure of the server.
+    return 0 if record["status"] in ("finished", "diverged") else 130
 
 
 if __name__ == "__main__":

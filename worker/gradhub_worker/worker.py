@@ -31,6 +31,7 @@ from gradhub.errors import (
     CoordinationError,
     DuplicatePush,
     InvalidRequest,
+    NonFiniteGradient,
     RunFinished,
     ServerUnavailable,
     StalePush,
@@ -44,6 +45,12 @@ from gradhub_worker.error_feedback import ErrorFeedback, FeedbackOptions
 from gradhub_worker.lease import LeaseKeeper
 
 log = logging.getLogger(__name__)
+
+
+#: Consecutive non-finite local gradients after which a worker reports the run diverged.
+DIVERGED_AFTER = 10
+#: How often a worker that reported divergence looks for the server's verdict.
+DIVERGED_POLL_S = 0.2
 
 
 def default_worker_id() -> str:
@@ -205,6 +212,7 @@ class Worker:
             log.info("injected delay %s, slowdown x%g", config.delay, delay.factor)
         named = list(model.named_parameters())
         seq = 0
+        self._non_finite_steps = 0
         self._pull_dtype = WIRE_DTYPES[pull_dtype_of(config)]
         self._pull_delta = pull_delta_of(config)
         started = last_log = time.monotonic()
@@ -221,7 +229,12 @@ class Worker:
                 loss_tensor.backward()
                 loss = loss_tensor.item()
                 gradients = [(n, p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in named]
-                encoded = feedback.encode(gradients, [p for _, p in named], snapshot.version)
+                try:
+                    encoded = feedback.encode(gradients, [p for _, p in named], snapshot.version)
+                except NonFiniteGradient as exc:
+                    snapshot = self._non_finite(client, feedback, snapshot, exc)
+                    continue
+                self._non_finite_steps = 0
                 if delay.active:
                     # The injected straggling itself (a lab feature), not synchronisation.
                     time.sleep(delay.idle_seconds(time.monotonic() - computing))
@@ -242,6 +255,30 @@ class Worker:
         log.info("run finished: %d pushes applied, %d refused in %.1fs",
                  self.pushes_applied, self.pushes_refused, time.monotonic() - started)
         return 0
+
+    def _non_finite(
+        self, client: ParameterClient, feedback: ErrorFeedback, snapshot: ParameterSnapshot,
+        exc: NonFiniteGradient,
+    ) -> ParameterSnapshot:
+        """A non-finite local gradient: dropped with the residual. Once it persists for
+        DIVERGED_AFTER steps, training diverged: say so, and the server ends the run."""
+        feedback.reset()
+        self._non_finite_steps += 1
+        self.pushes_refused += 1
+        if self._non_finite_steps == DIVERGED_AFTER:
+            log.error("training diverged: %d non-finite gradients in a row at version %d (%s)",
+                      self._non_finite_steps, snapshot.version, exc)
+            try:
+                self.coordinator.report_diverged(self.settings.worker_id, snapshot.version, str(exc))
+            except CoordinationError as error:
+                log.warning("could not report divergence: %s", error)
+        elif self._non_finite_steps < DIVERGED_AFTER:
+            log.warning("non-finite gradient at version %d dropped: %s", snapshot.version, exc)
+        if self._run_state() in ("finished", "interrupted", "diverged"):
+            raise RunFinished(f"the run is {self._run_state()}; leaving")
+        if self._non_finite_steps >= DIVERGED_AFTER:
+            time.sleep(DIVERGED_POLL_S)  # waiting for the server to end the run, not racing it
+        return self._pull(client, 0)
 
     def _load(self, named: list[tuple[str, nn.Parameter]], snapshot: ParameterSnapshot) -> None:
         """Make the model hold `snapshot`'s version: whole, or by a delta from the held one."""
@@ -315,7 +352,7 @@ class Worker:
                 )
             except (ServerUnavailable, VersionNotReached) as exc:
                 state = self._run_state()
-                if state in ("finished", "interrupted"):
+                if state in ("finished", "interrupted", "diverged"):
                     raise RunFinished(f"the run is {state}; leaving") from exc
                 now = time.monotonic()
                 first_failure = first_failure or now
