@@ -179,6 +179,22 @@ def test_ctrl_c_stops_every_process_and_keeps_partial_results(
     assert (coordinator.read_status() or {}).get("state") == "interrupted"
 
 
+@pytest.mark.timeout(120)
+def test_sigterm_stops_every_process_including_the_embedded_redis(tmp_path: Path):
+    out = tmp_path / "run"
+    with launched("--steps", "100000", "--out", str(out), "--eval-every", "20") as launcher:
+        wait_until(lambda: (out / "metrics.jsonl").exists() and '"event": "eval"' in
+                   (out / "metrics.jsonl").read_text(), 60, "the run's first evaluation")
+        children = psutil.Process(launcher.pid).children(recursive=True)
+        assert any("redis-server" in " ".join(c.cmdline()) for c in children)
+        launcher.send_signal(signal.SIGTERM)
+        _, stderr = launcher.communicate(timeout=60)
+    assert launcher.returncode == 130, stderr
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == [], [p.cmdline() for p in alive]
+
+
 @pytest.mark.timeout(150)
 def test_gradhub_run_restarts_a_killed_worker_and_finishes(
     redis_url: str, coordinator: RunCoordinator, run_id: str, tmp_path: Path

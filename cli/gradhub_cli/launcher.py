@@ -11,11 +11,9 @@ Children get SIGTERM if the launcher itself dies, so nothing outlives it.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -28,6 +26,7 @@ from gradhub.config import RunConfig
 from gradhub.coordination import RunCoordinator
 from gradhub.data import load_dataset
 from gradhub.errors import CoordinationError, GradhubError
+from gradhub.processes import die_with_parent
 from gradhub.redis_server import EmbeddedRedis
 from gradhub_cli.progress import ProgressLine, format_status
 
@@ -38,18 +37,10 @@ POLL_INTERVAL_S = 0.2
 WORKER_EXIT_TIMEOUT_S = 15.0
 #: How long a process gets between SIGTERM and SIGKILL.
 TERMINATE_TIMEOUT_S = 10.0
-_PR_SET_PDEATHSIG = 1
 
 
 class LaunchError(GradhubError):
     """A component of the local cluster failed for good."""
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass  # not Linux: children still stop when the launcher stops them
 
 
 @dataclass
@@ -71,7 +62,7 @@ class Component:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,  # Ctrl-C reaches the launcher only; it stops children in order
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
         )
 
     def poll(self) -> int | None:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
+from types import FrameType
 
 from gradhub.config import add_run_config_arguments, apply_env_defaults, run_config_from_args
 from gradhub.errors import GradhubError
@@ -59,11 +61,17 @@ def _status_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_run(argv: list[str]) -> int:
     from gradhub_cli.launcher import LaunchError, LaunchSettings, LocalCluster, format_summary
 
     args = _run_parser().parse_args(argv)
     setup_logging("run", "WARNING")
+    # SIGTERM takes Ctrl-C's path: every process stopped, results written, Redis removed.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         config = run_config_from_args(args, args.run_id)
         # Fail here, not in N processes, on a bad model or codec name.

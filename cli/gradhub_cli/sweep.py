@@ -43,6 +43,7 @@ import yaml
 
 from gradhub.config import RunConfig
 from gradhub.errors import ConfigurationError
+from gradhub.processes import die_with_parent
 from gradhub_cli.main import EXIT_DIVERGED
 from gradhub_cli.runs import finished_with, record_command
 
@@ -213,7 +214,8 @@ def run_sweep(args: argparse.Namespace) -> int:
         if finished_with(run_dir, arguments):
             print("    reusing the finished run in that folder", file=sys.stderr, flush=True)
         else:
-            result = subprocess.run([sys.executable, "-m", "gradhub_cli", *arguments], capture_output=True, text=True)
+            result = subprocess.run([sys.executable, "-m", "gradhub_cli", *arguments], capture_output=True,
+                                    text=True, preexec_fn=die_with_parent)
             if result.returncode not in (0, EXIT_DIVERGED):  # a diverged run is a result
                 print(f"run failed ({run_dir}):\n{result.stderr[-3000:]}", file=sys.stderr)
                 return 1

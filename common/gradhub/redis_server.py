@@ -20,6 +20,7 @@ from types import TracebackType
 import redis
 
 from gradhub.errors import ConfigurationError, RedisUnavailable
+from gradhub.processes import die_with_parent
 from gradhub.retry import wait_for
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class EmbeddedRedis:
         ]
         if self._password:
             args += ["--requirepass", self._password]
-        self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         client = redis.Redis(unix_socket_path=str(self.socket_path), password=self._password,
                              socket_timeout=1.0, socket_connect_timeout=1.0)
 
