@@ -169,6 +169,7 @@ def test_ctrl_c_stops_every_process_and_keeps_partial_results(
         assert status.returncode == 0, status.stderr
         assert f"run {run_id} (sync): running" in status.stdout
         assert "live workers 2/2" in status.stdout
+        assert "metrics http://127.0.0.1:" in status.stdout
         launcher.send_signal(signal.SIGINT)
         _, stderr = launcher.communicate(timeout=60)
     assert launcher.returncode == 130, stderr

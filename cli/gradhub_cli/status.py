@@ -53,6 +53,8 @@ def format_status_report(status: dict[str, Any]) -> str:
         f"{status.get('pushes_per_second', 0):.0f} pushes/s; staleness mean "
         f"{status.get('staleness_mean', 0):.2f}, max {status.get('staleness_max', 0)}"
     )
+    if status.get("metrics_url"):
+        lines.append(f"  metrics {status['metrics_url']}")
     live = status.get("live_workers", [])
     lines.append(f"  live workers {len(live)}/{status.get('workers_planned')}:")
     for worker in live:
