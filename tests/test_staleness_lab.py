@@ -141,7 +141,8 @@ def test_dc_asgd_adds_the_compensation_term_against_the_worker_s_own_copy(serve,
     # a's gradient, computed on w0, arrives at w1: g + lambda_t * g*g*(w1 - w0).
     server.client("a").push(PushMeta(run_id, "a", 1, 0), enc_a, timeout=10)
     for p0, p1, p2, gb, ga in zip(w0, w1, server.parameters(), g_b, g_a):
-        mean_square = MEAN_SQUARE_DECAY * (1 - MEAN_SQUARE_DECAY) * gb * gb + (1 - MEAN_SQUARE_DECAY) * ga * ga
+        # The mean square starts at b's g*g (not at zero), then decays towards a's.
+        mean_square = MEAN_SQUARE_DECAY * gb * gb + (1 - MEAN_SQUARE_DECAY) * ga * ga
         compensated = ga + lam / torch.sqrt(mean_square + EPSILON) * ga * ga * (p1 - p0)
         torch.testing.assert_close(p2, p1 - LR * compensated, rtol=1e-5, atol=1e-6)
     report = server.app.policy.report()

@@ -5,7 +5,10 @@ A gradient g computed on w_base, applied when the model is at w_now, is replaced
     g + lambda_t * g * g * (w_now - w_base)          (elementwise)
 
 with the paper's adaptive lambda_t = lambda_0 / sqrt(MeanSquare(g)), MeanSquare an
-exponential average (0.95) of g*g per coordinate, like RMSProp. Sparse pushes are
+exponential average (0.95) of g*g per coordinate, like RMSProp. A coordinate's average
+starts at its first g*g, not at zero: from zero, the first twenty or so updates would
+divide by a mean square twenty times too small and multiply lambda by about 4.5, which
+made runs with large staleness diverge within a hundred steps. Sparse pushes are
 corrected and their mean squares updated on the coordinates they carry only: O(k).
 
 Where w_base comes from: the server keeps a mirror of what each worker holds (the
@@ -85,6 +88,12 @@ class WorkerMirrors:
                 del self._mirrors[worker]
 
 
+def _averaged(mean_square: torch.Tensor, square: torch.Tensor) -> torch.Tensor:
+    """The next mean square; a coordinate never seen (zero) starts at its first square."""
+    decayed = MEAN_SQUARE_DECAY * mean_square + (1 - MEAN_SQUARE_DECAY) * square
+    return torch.where(mean_square == 0, square, decayed)
+
+
 class DelayCompensation:
     def __init__(self, shapes: Sequence[torch.Size], lambda0: float) -> None:
         self._lambda0 = lambda0
@@ -101,7 +110,7 @@ class DelayCompensation:
             if isinstance(g, SparseGradient):
                 flat_ms = ms.view(-1)
                 square = g.values * g.values
-                flat_ms[g.indices] = MEAN_SQUARE_DECAY * flat_ms[g.indices] + (1 - MEAN_SQUARE_DECAY) * square
+                flat_ms[g.indices] = _averaged(flat_ms[g.indices], square)
                 if base is None:
                     out.append(g)
                     continue
@@ -110,7 +119,7 @@ class DelayCompensation:
                 out.append(SparseGradient(g.indices, g.values + lam * square * drift))
                 continue
             square = g * g
-            ms.mul_(MEAN_SQUARE_DECAY).add_(square, alpha=1 - MEAN_SQUARE_DECAY)
+            ms.copy_(_averaged(ms, square))
             if base is None:
                 out.append(g)
                 continue
