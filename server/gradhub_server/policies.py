@@ -377,7 +377,8 @@ class DelayCompensatedPolicy(AsyncPolicy):
         self._compensation = DelayCompensation(store.shapes, config.dc_lambda)
 
     def after_pull(self, worker_id: str, snapshot: ParameterSnapshot) -> None:
-        self._mirrors.update(worker_id, snapshot)
+        if self.membership.rank_of(worker_id) is not None:  # readers get no mirror
+            self._mirrors.update(worker_id, snapshot)
 
     def base_of(self, submission: Submission) -> list[torch.Tensor] | None:
         return self._mirrors.holding(submission.push.meta.worker_id, submission.push.meta.base_version)
