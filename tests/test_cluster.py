@@ -133,6 +133,7 @@ def test_gradhub_run_trains_reports_and_leaves_nothing_behind(tmp_path: Path):
     )
     assert result.returncode == 0, result.stderr
     assert "test accuracy" in result.stdout and str(out) in result.stdout
+    assert "metrics (Prometheus): http://127.0.0.1:" in result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) >= SUMMARY_KEYS
     assert summary["status"] == "finished" and summary["steps"] == 300

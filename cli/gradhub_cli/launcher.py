@@ -188,6 +188,7 @@ class LocalCluster:
 
     def _supervise(self, server: Component, coordinator: RunCoordinator, env: dict[str, str]) -> None:
         status: dict[str, Any] | None = None
+        told_metrics = False
         while True:
             code = server.poll()
             if code is not None:
@@ -203,6 +204,9 @@ class LocalCluster:
                 status = coordinator.read_status() or status
             except CoordinationError as exc:
                 log.debug("status unavailable: %s", exc)
+            if status is not None and status.get("metrics_url") and not told_metrics:
+                told_metrics = True
+                self._say(f"metrics (Prometheus): {status['metrics_url']}")
             if status is not None and self._progress is not None:
                 self._progress.update(format_status(status, self.config.workers), key=status.get("version"))
             time.sleep(POLL_INTERVAL_S)
