@@ -35,6 +35,15 @@ def test_mode_defaults_fill_what_was_not_given(monkeypatch):
     assert (asyn.mode, asyn.steps, asyn.lr) == ("async", 9000, 0.5)
 
 
+@pytest.mark.parametrize(("workers", "lr"), [(None, 0.03), ("3", 0.03), ("4", 0.015), ("8", 0.0075)])
+def test_the_async_default_rate_shrinks_beyond_three_workers(monkeypatch, workers, lr):
+    monkeypatch.delenv("GRADHUB_MODE", raising=False)
+    args = ["--mode", "ssp"] + (["--workers", workers] if workers else [])
+    assert run_config_from_args(parser().parse_args(args), "r").lr == pytest.approx(lr)
+    sync = run_config_from_args(parser().parse_args(["--workers", "8"]), "s")
+    assert sync.lr == 0.1  # sync's rate does not depend on the worker count
+
+
 def test_environment_sets_defaults_and_flags_win(monkeypatch):
     monkeypatch.setenv("GRADHUB_WORKERS", "5")
     monkeypatch.setenv("GRADHUB_COMPRESSION", "topk:0.01")
