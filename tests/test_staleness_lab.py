@@ -76,7 +76,7 @@ def test_ssp_keeps_every_worker_within_the_bound_under_random_seeded_delays(serv
     assert max(leads) <= bound, sorted(leads)[-5:]
     report = server.app.policy.report()
     assert report["max_lead"] == bound, report  # the bound was reached, so it was tested
-    assert report["waits"] > 0, report
+    assert sum(w["waits"] for w in server.app.stats.totals()["workers"].values()) > 0
     assert server.app.stats.totals()["pushes_applied"] == workers * pushes
 
 

@@ -294,8 +294,6 @@ class StaleSynchronousPolicy(AsyncPolicy):
         self._gate = threading.Condition()
         self._clock: dict[str, int] = {}
         self.max_lead = 0
-        self.waits = 0
-        self.wait_seconds = 0.0
         self._closed = False
         super().__init__(config, store, membership, stats)
 
@@ -336,10 +334,7 @@ class StaleSynchronousPolicy(AsyncPolicy):
                 waited = True
                 self._gate.wait(min(deadline.remaining(), BARRIER_TICK_S))
             self.max_lead = max(self.max_lead, lead)
-            if waited:
-                self.waits += 1
-                self.wait_seconds += time.monotonic() - started
-        if waited:
+        if waited:  # the waits themselves are counted per worker in the stats
             self.stats.record_wait(worker_id, time.monotonic() - started)
 
     def on_membership_change(self) -> None:
@@ -362,8 +357,7 @@ class StaleSynchronousPolicy(AsyncPolicy):
 
     def report(self) -> dict[str, Any]:
         with self._gate:
-            return {"name": self.name, "bound": self.config.ssp_bound, "max_lead": self.max_lead,
-                    "waits": self.waits, "wait_seconds": round(self.wait_seconds, 3)}
+            return {"name": self.name, "bound": self.config.ssp_bound, "max_lead": self.max_lead}
 
 
 class DelayCompensatedPolicy(AsyncPolicy):

@@ -274,8 +274,9 @@ class Worker:
                 log.warning("could not report divergence: %s", error)
         elif self._non_finite_steps < DIVERGED_AFTER:
             log.warning("non-finite gradient at version %d dropped: %s", snapshot.version, exc)
-        if self._run_state() in ("finished", "interrupted", "diverged"):
-            raise RunFinished(f"the run is {self._run_state()}; leaving")
+        state = self._run_state()
+        if state in ("finished", "interrupted", "diverged"):
+            raise RunFinished(f"the run is {state}; leaving")
         if self._non_finite_steps >= DIVERGED_AFTER:
             time.sleep(DIVERGED_POLL_S)  # waiting for the server to end the run, not racing it
         return self._pull(client, 0)
