@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: setup demo test protos clean
+.PHONY: setup demo test protos k8s docker-engine clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,14 @@ test: setup
 
 protos: setup
 	$(BIN)/python scripts/generate_protos.py
+
+k8s: setup
+	$(BIN)/python scripts/render_k8s.py
+
+# Debian's Docker engine and mmdebstrap (a base image without a registry), for the container
+# tests; they start and stop the engine themselves. Needs root.
+docker-engine:
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io mmdebstrap iptables
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -10,7 +10,7 @@ import pytest
 from conftest import wait_until
 from gradhub.config import RunConfig
 from gradhub.coordination import RunCoordinator, connect, list_runs
-from gradhub.errors import ConfigConflict, NoFreeRank, RedisUnavailable
+from gradhub.errors import ConfigConflict, ConfigurationError, NoFreeRank, RedisUnavailable
 from gradhub.redis_server import EmbeddedRedis
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
@@ -36,6 +36,19 @@ def test_ranks_are_distinct_and_bounded_by_world_size(coordinator: RunCoordinato
     with pytest.raises(NoFreeRank):
         coordinator.register("w3", 3, lease_seconds=30, timeout=0.3)
     assert coordinator.live_workers(3) == {"w0": 0, "w1": 1, "w2": 2}
+
+
+def test_a_fixed_rank_is_taken_exactly_and_waits_for_its_holder(coordinator: RunCoordinator):
+    """Kubernetes Indexed Job pods ask for their completion index: distinct pods, distinct ranks."""
+    assert coordinator.try_register("pod-2", 3, lease_seconds=30, rank=2).rank == 2
+    assert coordinator.try_register("pod-0", 3, lease_seconds=30, rank=0).rank == 0
+    # A replacement for index 2 must not take another rank while the old pod's lease lives.
+    assert coordinator.try_register("pod-2-restarted", 3, lease_seconds=30, rank=2) is None
+    with pytest.raises(NoFreeRank, match="rank 2"):
+        coordinator.register("pod-2-restarted", 3, lease_seconds=30, timeout=0.3, rank=2)
+    with pytest.raises(ConfigurationError, match="rank 3 is outside"):
+        coordinator.try_register("pod-3", 3, lease_seconds=30, rank=3)
+    assert coordinator.live_workers(3) == {"pod-0": 0, "pod-2": 2}
 
 
 def test_a_lease_that_is_not_renewed_expires_and_frees_its_rank(coordinator: RunCoordinator):

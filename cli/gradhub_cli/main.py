@@ -5,6 +5,8 @@
   gradhub bench    measurements: codecs (training runs), topk, apply, indices
   gradhub sweep    a grid of runs (policies x workers x delays x staleness x codecs x seeds):
                    CSV, plots and a markdown report
+  gradhub cluster  a containerised cluster on a Docker engine: up | status | logs | down
+  gradhub health   ask a server the standard gRPC health question (exit 0: serving)
   gradhub server   one parameter server (for containers and clusters)
   gradhub worker   one worker (for containers and clusters)
 
@@ -21,7 +23,6 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from gradhub.config import add_run_config_arguments, apply_env_defaults, run_config_from_args
 from gradhub.errors import GradhubError
 from gradhub.logs import setup_logging
 
@@ -32,6 +33,9 @@ EXIT_DIVERGED = 3
 
 
 def _run_parser() -> argparse.ArgumentParser:
+    # Imported here: the run configuration needs torch, and `gradhub health` must stay light.
+    from gradhub.config import add_run_config_arguments, apply_env_defaults
+
     parser = argparse.ArgumentParser(
         prog="gradhub run",
         description="Start Redis, a parameter server and N workers on this machine; train; "
@@ -52,6 +56,8 @@ def _run_parser() -> argparse.ArgumentParser:
 
 
 def _status_parser() -> argparse.ArgumentParser:
+    from gradhub.config import apply_env_defaults
+
     parser = argparse.ArgumentParser(prog="gradhub status", description="Show a run's status.")
     parser.add_argument("--redis-url", required=True, help="the run's Redis (printed by gradhub run)")
     parser.add_argument("--run-id", help="run id (default: the newest)")
@@ -66,6 +72,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def cmd_run(argv: list[str]) -> int:
+    from gradhub.config import run_config_from_args
     from gradhub_cli.launcher import LaunchError, LaunchSettings, LocalCluster, format_summary
 
     args = _run_parser().parse_args(argv)
@@ -140,6 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         from gradhub_cli.sweep import main as sweep_main
 
         return sweep_main(rest)
+    if command == "health":
+        from gradhub_cli.health import main as health_main
+
+        return health_main(rest)
+    if command == "cluster":
+        from gradhub_cli.cluster import main as cluster_main
+
+        return cluster_main(rest)
     if command == "server":
         from gradhub_server.cli import main as server_main
 

@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gradhub.config import RunConfig
-from gradhub.errors import ConfigConflict, CoordinationError, NoFreeRank, RedisUnavailable
+from gradhub.errors import ConfigConflict, ConfigurationError, CoordinationError, NoFreeRank, RedisUnavailable
 from gradhub.retry import Backoff, wait_for
 
 log = logging.getLogger(__name__)
@@ -152,27 +152,36 @@ class RunCoordinator:
 
     # --- membership ----------------------------------------------------------------------
 
-    def try_register(self, worker_id: str, world_size: int, lease_seconds: float) -> Lease | None:
-        """Take the lowest free rank, or return None when every rank is held."""
+    def try_register(
+        self, worker_id: str, world_size: int, lease_seconds: float, rank: int | None = None
+    ) -> Lease | None:
+        """Take the lowest free rank (or exactly `rank`), or return None when none is free.
+
+        A fixed rank is how orchestrators that number their workers (a Kubernetes Indexed
+        Job's completion index) keep a restarted worker on its own rank and data shard.
+        """
+        if rank is not None and not 0 <= rank < world_size:
+            raise ConfigurationError(f"rank {rank} is outside the run's {world_size} workers (0..{world_size - 1})")
         lease_ms = int(lease_seconds * 1000)
-        for rank in range(world_size):
-            key = self.key(f"rank:{rank}")
+        for candidate in range(world_size) if rank is None else (rank,):
+            key = self.key(f"rank:{candidate}")
             taken = self._call(
                 "claim a rank", functools.partial(self.client.set, key, worker_id, nx=True, px=lease_ms)
             )
             if taken:
                 token = int(self._call("take a fencing token", lambda: self.client.incr(self.key("fence"))))
-                return Lease(worker_id=worker_id, rank=rank, token=token)
+                return Lease(worker_id=worker_id, rank=candidate, token=token)
         return None
 
     def register(
-        self, worker_id: str, world_size: int, lease_seconds: float, timeout: float
+        self, worker_id: str, world_size: int, lease_seconds: float, timeout: float, rank: int | None = None
     ) -> Lease:
-        """Take the lowest free rank, waiting up to `timeout` for a dead worker's lease to expire."""
+        """Take the lowest free rank (or `rank`), waiting up to `timeout` for a dead worker's lease to expire."""
+        wanted = f"rank {rank}" if rank is not None else f"a free rank among {world_size}"
         return wait_for(
-            lambda: self.try_register(worker_id, world_size, lease_seconds),
+            lambda: self.try_register(worker_id, world_size, lease_seconds, rank),
             timeout,
-            f"a free rank among {world_size} in run {self.run_id}",
+            f"{wanted} in run {self.run_id}",
             backoff=Backoff(initial=0.05, maximum=min(1.0, lease_seconds / 2)),
             on_timeout=NoFreeRank,
         )

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gradhub import wire
 from gradhub.config import RunConfig
@@ -39,6 +40,10 @@ from gradhub_server.stats import ServerStats
 from gradhub_server.store import ParameterStore, build_rule
 
 log = logging.getLogger(__name__)
+
+#: The service name probes ask for readiness: SERVING while the run takes pushes.
+#: The empty name ("", liveness) stays SERVING for as long as the process is up.
+SERVICE_NAME = "gradhub.v1.ParameterServer"
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,9 @@ class ServerSettings:
     metrics_bind: str | None = "127.0.0.1:0"
     #: How often a `metrics` record goes to metrics.jsonl.
     metrics_interval: float = 1.0
+    #: After the results are written: exit (compose, local) or keep answering health
+    #: and status until SIGTERM (a Kubernetes StatefulSet would otherwise restart it).
+    linger: bool = False
     channel_options: tuple[tuple[str, Any], ...] = field(
         default=(
             ("grpc.keepalive_permit_without_calls", 1),
@@ -127,6 +135,10 @@ class ServerApp:
         pb_grpc.add_ParameterServerServicer_to_server(
             ParameterServerServicer(self.core, limits), self._grpc
         )
+        self._health = health.HealthServicer()
+        self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         self._started = time.monotonic()
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -155,6 +167,8 @@ class ServerApp:
         self._started = time.monotonic()
         self.core.started = self._started
         self._state = "running"
+        self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._publish()
         self._spawn(self._status_loop, "status")
         self._spawn(self._progress_loop, "progress")
@@ -176,6 +190,7 @@ class ServerApp:
         interrupted = not self.store.finished
         ended = "diverged" if self.diverged and interrupted else ("interrupted" if interrupted else "finished")
         self._state = ended if interrupted else "finishing"
+        self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         final = self.evaluator.evaluate_now()
         self._write_metrics()
         totals = self.stats.totals()
@@ -196,6 +211,9 @@ class ServerApp:
         self._publish()
         if not interrupted:
             self._drain()
+            if self.settings.linger:
+                log.info("run %s ended; lingering (health and status) until stopped", self.config.run_id)
+                self._stop_requested.wait()
         self.stop()
         return record
 
@@ -302,6 +320,12 @@ class ServerApp:
                 "staleness_mean": status["staleness_mean"],
                 "staleness_max": status["staleness_max"],
             }
+        )
+        # The log is where container users watch progress (`docker compose logs -f server`).
+        log.info(
+            "version %d/%d: test accuracy %.4f, test loss %.4f, %.1f pushes/s, staleness mean %.2f",
+            result.version, self.config.steps, result.test_accuracy, result.test_loss,
+            status["pushes_per_second"] or 0.0, status["staleness_mean"] or 0.0,
         )
 
     def _record_membership(self, old: dict[str, int], new: dict[str, int]) -> None:

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="host:port of the Prometheus /metrics endpoint; port 0 picks one; 'off' disables it")
     parser.add_argument("--metrics-interval", type=float, default=1.0,
                         help="seconds between `metrics` records in metrics.jsonl (default 1)")
+    parser.add_argument("--linger", action="store_true",
+                        help="after the run ends, keep answering health and status until SIGTERM "
+                        "(for Kubernetes, which restarts a server that exits)")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
     add_run_config_arguments(parser)
@@ -76,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             drain_timeout=args.drain_timeout,
             metrics_bind=None if args.metrics_bind == "off" else args.metrics_bind,
             metrics_interval=args.metrics_interval,
+            linger=args.linger,
         )
         app = ServerApp(config, coordinator, settings)
         app.start()

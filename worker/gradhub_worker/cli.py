@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-id", help="run to join (default: the newest run in Redis)")
     parser.add_argument("--server", help="server address host:port (default: read from Redis)")
     parser.add_argument("--worker-id", help="this worker's id (default host-pid-random)")
+    parser.add_argument("--rank", type=int,
+                        help="take exactly this rank (e.g. a Kubernetes Indexed Job's completion index); "
+                        "default: the lowest free rank")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--loader-workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--cache-dir", type=Path, help="dataset cache folder (default ~/.cache/gradhub)")
@@ -72,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             join_timeout=args.join_timeout,
             rpc_timeout=args.rpc_timeout,
             give_up_after=args.give_up_after,
+            rank=args.rank,
         )
         return Worker(settings, RunCoordinator.from_url(args.redis_url, run_id)).run()
     except (GradhubError, TimeoutError) as exc:

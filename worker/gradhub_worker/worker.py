@@ -73,6 +73,8 @@ class WorkerSettings:
     rpc_timeout: float = 60.0
     #: Exit with an error after this long without a successful exchange with the server.
     give_up_after: float = 60.0
+    #: A fixed rank (Kubernetes Indexed Job: the completion index); None takes the lowest free one.
+    rank: int | None = None
 
 
 def feedback_for(config: RunConfig, rank: int) -> ErrorFeedback:
@@ -175,7 +177,9 @@ class Worker:
         device = pick_device(s.device)
         torch.manual_seed(config.seed)
         model = build_model(config.model, config.model_kwargs).to(device)
-        lease = self.coordinator.register(s.worker_id, config.workers, config.lease_seconds, s.join_timeout)
+        lease = self.coordinator.register(
+            s.worker_id, config.workers, config.lease_seconds, s.join_timeout, s.rank
+        )
         keeper = LeaseKeeper(self.coordinator, lease, config.lease_seconds)
         keeper.start()
         client: ParameterClient | None = None
@@ -378,7 +382,8 @@ class Worker:
         except Exception:
             pass
         lease = self.coordinator.register(
-            self.settings.worker_id, config.workers, config.lease_seconds, self.settings.join_timeout
+            self.settings.worker_id, config.workers, config.lease_seconds, self.settings.join_timeout,
+            self.settings.rank,
         )
         log.info("re-registered with rank %d (was %d)", lease.rank, old.rank)
         return lease
