@@ -248,3 +248,53 @@ def test_gradhub_cluster_up_status_results_down(docker_client: Any, built_images
     finally:
         assert gradhub_cluster.main(["down", *args]) == 0
     assert leftovers(docker_client, label) == []
+
+
+def test_kubernetes_cpu_overlay_runs_as_rendered_on_docker(docker_client: Any, built_images):
+    """The rendered pods, started as a kubelet would (k8s_on_docker): a run with distinct ranks."""
+    from k8s_on_docker import load, pods, run_pod
+
+    docs = load(ROOT / "deploy" / "k8s" / "rendered" / "cpu.yaml")
+    prefix = f"k8s-{uuid.uuid4().hex[:8]}"
+    label = f"io.gradhub.test={prefix}"
+    server_image, worker_image = built_images
+    # No registry here: the tags the overlay names are served by the images built above,
+    # Redis by the server image (it ships redis-server).
+    images_by_name = {"gradhub/server:latest": server_image, "gradhub/worker:latest": worker_image,
+                      "redis:7.4-alpine": server_image}
+    network = docker_client.networks.create(prefix, driver="bridge", internal=True, labels={"io.gradhub.test": prefix})
+    try:
+        planned = pods(docs)
+        assert sorted(p.name for p in planned) == ["gradhub-redis-0-pod", "gradhub-server-0",
+                                                   "gradhub-workers-0", "gradhub-workers-1"]
+        for pod in planned:  # the order a cluster settles into does not matter: workers wait
+            run_pod(docker_client, docs, pod, network.name, prefix, images_by_name,
+                    {"GRADHUB_STEPS": "300", "GRADHUB_EVAL_EVERY": "100"}, {"io.gradhub.test": prefix})
+        server = docker_client.containers.get(f"{prefix}-gradhub-server-0-server")
+        workers = [docker_client.containers.get(f"{prefix}-gradhub-workers-{i}-worker") for i in (0, 1)]
+        for worker in workers:  # the Job completes: every worker exits 0
+            assert worker.wait(timeout=RUN_S)["StatusCode"] == 0, worker.logs(tail=20).decode()
+
+        # The StatefulSet's pod lingers: alive (no restart), not ready, results in its volume.
+        def probe(*args: str) -> int:
+            return server.exec_run(["gradhub", "health", "--quiet", "--address", "127.0.0.1:50051", *args])[0]
+
+        wait_until(lambda: probe("--ready") == 1, 60, "readiness to drop after the run")
+        server.reload()
+        assert server.status == "running" and probe() == 0
+        summary = json.loads(file_from(server, "/data/runs/k8s/summary.json"))
+        assert summary["status"] == "finished" and summary["steps"] == 300
+        ranks = {worker_id: stats["rank"] for worker_id, stats in summary["per_worker"].items()}
+        # Each pod took its completion index as its rank, under its own pod name.
+        assert ranks == {"gradhub-workers-0": 0, "gradhub-workers-1": 1}
+        server.stop(timeout=30)
+        server.reload()
+        assert server.attrs["State"]["ExitCode"] == 0
+    finally:
+        for container in docker_client.containers.list(all=True, filters={"label": label}):
+            container.remove(force=True)
+        network.remove()
+        for volume in docker_client.volumes.list(filters={"name": prefix}):
+            volume.remove(force=True)
+    assert leftovers(docker_client, label) == []
+    assert docker_client.volumes.list(filters={"name": prefix}) == []

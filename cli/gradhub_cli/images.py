@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,8 @@ def prepare_wheelhouse(root: Path) -> Path:
 
 
 def build_images(client: Any, root: Path, tag: str, base_image: str, offline: bool) -> list[str]:
+    """Build both images; then remove the untagged leftovers of earlier gradhub builds."""
+    started = int(time.time())
     if offline:
         prepare_wheelhouse(root)
     built = []
@@ -85,4 +88,20 @@ def build_images(client: Any, root: Path, tag: str, base_image: str, offline: bo
             network_mode="none" if offline else None, rm=True, forcerm=True, timeout=BUILD_TIMEOUT_S,
         )
         built.append(name)
+    prune_stale(client, before=started)
     return built
+
+
+def prune_stale(client: Any, before: int) -> int:
+    """Remove untagged gradhub images made before `before` (Unix time); return the bytes freed.
+
+    Each rebuild leaves the previous build stage and the previous images untagged. This
+    build's own stages stay: they are the cache of the next one. Other images are untouched.
+    """
+    freed = 0
+    for stage in ("build", "runtime"):
+        result = client.images.prune(
+            filters={"dangling": True, "label": f"io.gradhub.stage={stage}", "until": str(before)}
+        )
+        freed += int(result.get("SpaceReclaimed") or 0)
+    return freed
