@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -50,6 +51,11 @@ def _connect() -> Any | None:
         return client
     except Exception:  # the SDK raises requests' and its own errors for "no daemon"
         return None
+
+
+def _rules(saved: str) -> list[str]:
+    """iptables-save output without its comments and packet counters."""
+    return [re.sub(r"\[\d+:\d+\]", "", line) for line in saved.splitlines() if not line.startswith("#")]
 
 
 class StartedEngine:
@@ -92,6 +98,8 @@ class StartedEngine:
         IP_FORWARD.write_text(self.ip_forward_before)  # dockerd turns forwarding on
         if not self.bridge_existed and Path("/sys/class/net/docker0").exists():
             subprocess.run(["ip", "link", "delete", "docker0"], check=False, timeout=10)
+        after = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True, timeout=30).stdout
+        assert _rules(after) == _rules(self.rules_before), "the firewall differs from before the engine started"
 
 
 @pytest.fixture(scope="session")

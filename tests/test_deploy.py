@@ -209,6 +209,11 @@ def test_docker_compose_config_accepts_the_file():
     result = subprocess.run([str(compose_binary()), "-f", str(COMPOSE), "--profile", "gpu", "config", "--services"],
                             capture_output=True, text=True, timeout=60)
     assert sorted(result.stdout.split()) == ["redis", "server", "worker", "worker-gpu"]
+    legacy = shutil.which("docker-compose")  # Debian's Compose 1.29, where installed
+    if legacy is not None:
+        result = subprocess.run([legacy, "-f", str(COMPOSE), "config", "--quiet"], capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stderr
 
 
 def test_compose_passes_every_run_setting_through_and_isolates_the_network():
