@@ -134,26 +134,31 @@ def test_malformed_streams_are_refused_before_anything_is_allocated(async_server
     assert list(totals["workers"]) == ["good"]
 
 
-def test_stale_and_duplicate_pushes_are_refused_and_counted(async_server, stub, run_id):
+def test_stale_duplicate_and_retried_pushes_are_answered_once_and_counted(async_server, stub, run_id):
     good = gradient()
     for seq in (1, 2, 3):  # version 0 -> 3
         stub.Push(iter(requests(meta(run_id, seq, base=seq - 1), good)), timeout=10)
     before = async_server.parameters()
+    # A retry of the last push (its answer was lost): the same answer, not a second update.
+    retried = stub.Push(iter(requests(meta(run_id, 3, base=2), good)), timeout=10)
+    assert (retried.version, retried.staleness) == (3, 0)
     # Computed on version 0, server at 3: staleness 3 > max_staleness 2.
     expect_refusal(stub, requests(meta(run_id, 4, base=0), good), grpc.StatusCode.ABORTED,
                    "3 versions stale")
-    # seq 4 was taken by the refused push: a replay of it is a duplicate.
-    expect_refusal(stub, requests(meta(run_id, 4, base=3), good), grpc.StatusCode.ALREADY_EXISTS,
-                   "already seen")
+    # seq 4 was taken by the refused push: a retry of it gets the same refusal (counted once).
+    expect_refusal(stub, requests(meta(run_id, 4, base=3), good), grpc.StatusCode.ABORTED,
+                   "3 versions stale")
+    # An older seq is a late copy: refused.
     expect_refusal(stub, requests(meta(run_id, 2, base=3), good), grpc.StatusCode.ALREADY_EXISTS,
-                   "already seen")
+                   "older than its last")
     after = async_server.parameters()
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert async_server.app.store.version == 3
     reply = stub.Push(iter(requests(meta(run_id, 5, base=1), good)), timeout=10)
     assert (reply.version, reply.staleness) == (4, 2)  # staleness 2 is within the bound
     totals = async_server.app.stats.totals()
-    assert totals["refused_by_reason"] == {"StalePush": 1, "DuplicatePush": 2}
+    assert totals["refused_by_reason"] == {"StalePush": 1, "DuplicatePush": 1}
+    assert totals["pushes_applied"] == 4 and async_server.app.core.receipts.replayed == 2
     assert totals["staleness"]["histogram"] == {"0": 3, "2": 1}
 
 

@@ -13,6 +13,9 @@ import grpc
 class GradhubError(Exception):
     """Base of every error gradhub raises on purpose."""
 
+    #: True when the server repeats an earlier refusal to a retried push (counted once).
+    replayed: bool = False
+
 
 class ConfigurationError(GradhubError):
     """A setting, model spec, codec name or flag that cannot work."""
@@ -55,7 +58,7 @@ class LatePush(StalePush):
 
 
 class DuplicatePush(GradhubError):
-    """A push whose sequence number was already taken: it was applied (or refused) before."""
+    """A push whose sequence number is older than the worker's last: a late copy, never applied."""
 
 
 class RunFinished(GradhubError):

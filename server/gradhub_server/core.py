@@ -1,15 +1,16 @@
 """The parameter server's domain: what a push and a pull do, without protobuf or gRPC.
 
 A push is checked in this order, each failure a precise error and nothing touched:
-run id, run not finished, worker holds a lease, gradient matches the model and is
-finite, version not from the future, sequence number new (a push that gets this far
-takes its number, whatever the policy decides); then the policy decides (stale, barrier).
+run id; a retry of the worker's last push (same sequence number) gets that push's answer
+and is never applied again (receipts.py); run not finished, worker holds a lease,
+gradient matches the model and is finite, version not from the future, sequence number
+new (a push that gets this far takes its number, whatever the policy decides); then the
+policy decides (stale, barrier), and its answer is kept for retries.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any
 
@@ -19,7 +20,6 @@ from gradhub.config import RunConfig
 from gradhub.domain import ParameterSnapshot, Push, PushResult
 from gradhub.encoded import EncodedTensor, Layout
 from gradhub.errors import (
-    DuplicatePush,
     FuturePush,
     GradhubError,
     RunFinished,
@@ -31,6 +31,7 @@ from gradhub.errors import (
 from gradhub.retry import Deadline
 from gradhub_server.membership import Membership
 from gradhub_server.policies import Submission, UpdatePolicy
+from gradhub_server.receipts import Receipts
 from gradhub_server.stats import ServerStats
 from gradhub_server.store import ParameterStore
 from gradhub_server.update_rules import Gradient, SparseGradient
@@ -63,8 +64,7 @@ class ParameterServerCore:
         self.membership = membership
         self.stats = stats
         self.started = time.monotonic()
-        self._seq_lock = threading.Lock()
-        self._last_seq: dict[str, int] = {}
+        self.receipts = Receipts()
         self._closing = False
 
     def push(self, push: Push, timeout: float | None) -> PushResult:
@@ -73,6 +73,12 @@ class ParameterServerCore:
             raise WrongRun(f"push for run {meta.run_id!r}; this server serves {self.config.run_id!r}")
         if self._closing:
             raise ServerUnavailable("the server is stopping")
+        wait = timeout or DEFAULT_WAIT_S
+        # Before the lease and finish checks: a push applied just before its worker's lease
+        # lapsed, or before the last step, must still get its own answer, not a refusal.
+        earlier = self.receipts.earlier(meta.worker_id, meta.seq)
+        if earlier is not None:
+            return self.receipts.replay(earlier, wait)
         if self.store.finished:
             raise RunFinished(f"the run finished at version {self.store.version}")
         rank = self.membership.rank_of(meta.worker_id)
@@ -87,20 +93,25 @@ class ParameterServerCore:
                 f"push computed on version {meta.base_version}, but the server is at "
                 f"version {self.store.version}"
             )
-        with self._seq_lock:
-            last = self._last_seq.get(meta.worker_id, 0)
-            if meta.seq <= last:
-                raise DuplicatePush(
-                    f"worker {meta.worker_id!r} push seq {meta.seq} already seen (last {last})"
-                )
-            self._last_seq[meta.worker_id] = meta.seq
-        gradient = [to_gradient(t) for t in push.tensors]
-        return self.policy.submit(
-            Submission(push=push, gradient=gradient, rank=rank), timeout or DEFAULT_WAIT_S
-        )
+        receipt, first = self.receipts.claim(meta.worker_id, meta.seq)
+        if not first:  # another copy of this push got here first
+            return self.receipts.replay(receipt, wait)
+        try:
+            gradient = [to_gradient(t) for t in push.tensors]
+            result = self.policy.submit(Submission(push=push, gradient=gradient, rank=rank), wait)
+        except GradhubError as exc:
+            self.receipts.settle(receipt, error=exc)
+            raise
+        except BaseException:
+            self.receipts.settle(receipt, error=ServerUnavailable(f"push seq {meta.seq} failed on the server"))
+            raise
+        self.receipts.settle(receipt, result=result)
+        return result
 
     def refused(self, push: Push | None, worker_id: str, error: GradhubError) -> None:
         """Count a refused push (errors as data); the caller turns it into a status."""
+        if error.replayed:
+            return  # the first copy's refusal, counted when it happened
         self.stats.record_refused(
             worker_id,
             type(error).__name__,

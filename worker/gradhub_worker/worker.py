@@ -25,7 +25,7 @@ from gradhub.config import RunConfig, momentum_on_workers, pull_delta_of, pull_d
 from gradhub.coordination import Lease, RunCoordinator
 from gradhub.data import load_dataset, shard_indices
 from gradhub.delays import StepDelay
-from gradhub.domain import ParameterSnapshot, PushMeta
+from gradhub.domain import ParameterSnapshot, PushMeta, PushResult
 from gradhub.encoded import WIRE_DTYPES, EncodedTensor
 from gradhub.errors import (
     CoordinationError,
@@ -75,6 +75,16 @@ class WorkerSettings:
     give_up_after: float = 60.0
     #: A fixed rank (Kubernetes Indexed Job: the completion index); None takes the lowest free one.
     rank: int | None = None
+
+
+#: A registration's sequence numbers start at its fencing token << SEQ_EPOCH_BITS: fencing
+#: tokens only grow, so a restarted worker that keeps its id (a Kubernetes pod's name) never
+#: reuses a number its earlier life sent, and the server's receipts stay exact.
+SEQ_EPOCH_BITS = 32
+
+
+def next_seq(previous: int, token: int) -> int:
+    return max(previous + 1, (token << SEQ_EPOCH_BITS) + 1)
 
 
 def feedback_for(config: RunConfig, rank: int) -> ErrorFeedback:
@@ -166,6 +176,7 @@ class Worker:
         self.coordinator = coordinator or RunCoordinator.from_url(settings.redis_url, settings.run_id)
         self.pushes_applied = 0
         self.pushes_refused = 0
+        self.pushes_retried = 0
         self._pull_dtype = torch.float32
         self._pull_delta = False
         #: The version of the parameters the local model holds (None before the first pull).
@@ -242,7 +253,7 @@ class Worker:
                 if delay.active:
                     # The injected straggling itself (a lab feature), not synchronisation.
                     time.sleep(delay.idle_seconds(time.monotonic() - computing))
-                seq += 1
+                seq = next_seq(seq, keeper.lease.token)
                 meta = PushMeta(
                     run_id=config.run_id, worker_id=s.worker_id, seq=seq,
                     base_version=snapshot.version, loss=loss, samples=int(y.numel()),
@@ -314,13 +325,17 @@ class Worker:
         """Push and receive the next parameters in one call; a refused push goes back to the
         residual and the parameters are pulled. Raises RunFinished when the run is over."""
         try:
-            result, snapshot = client.push_pull(meta, encoded, self.settings.rpc_timeout)
+            result, snapshot = self._push_until_answered(client, meta, encoded)
             self.pushes_applied += 1
             if snapshot is None:  # SSP held this worker back: the push stands, pull again
                 return self._pull(client, result.version)
             return snapshot
-        except DuplicatePush:
-            pass  # this seq was already taken: nothing to give back
+        except DuplicatePush as exc:
+            # Only a copy older than this worker's last push gets this: another process is
+            # pushing under the same worker id. This push was not applied.
+            log.error("%s", exc)
+            feedback.restore(encoded)
+            self.pushes_refused += 1
         except StalePush as exc:
             log.debug("stale push: %s", exc)
             feedback.restore(encoded)
@@ -335,11 +350,37 @@ class Worker:
             log.error("gradient dropped, error feedback reset: %s", exc)
             feedback.reset()
             self.pushes_refused += 1
-        except (ServerUnavailable, VersionNotReached) as exc:
-            log.warning("push failed (%s); pulling again", exc)
-            feedback.restore(encoded)
-            self.pushes_refused += 1
         return self._pull(client, 0)
+
+    def _push_until_answered(
+        self, client: ParameterClient, meta: PushMeta, encoded: list[EncodedTensor]
+    ) -> tuple[PushResult, ParameterSnapshot | None]:
+        """Send the push until the server answers it, always under the same sequence number.
+
+        No answer (a deadline, a dropped connection, a server stopping) does not mean not
+        applied: the server keeps the first copy's outcome and answers retries with it
+        (exactly once, gradhub_server/receipts.py). So the gradient goes back to the
+        residual only on a refusal, never on silence.
+        """
+        backoff = Backoff(initial=0.05, maximum=2.0)
+        first_failure: float | None = None
+        while True:
+            try:
+                return client.push_pull(meta, encoded, self.settings.rpc_timeout)
+            except (ServerUnavailable, VersionNotReached) as exc:
+                state = self._run_state()
+                if state in ("finished", "interrupted", "diverged"):
+                    raise RunFinished(f"the run is {state}; leaving") from exc
+                now = time.monotonic()
+                first_failure = first_failure or now
+                if now - first_failure > self.settings.give_up_after:
+                    raise ServerUnavailable(
+                        f"push seq {meta.seq} unanswered by {client.address} for {now - first_failure:.0f}s: {exc}"
+                    ) from exc
+                delay = backoff.next_delay()
+                self.pushes_retried += 1
+                log.warning("push seq %d got no answer (%s); sending it again in %.2fs", meta.seq, exc, delay)
+                time.sleep(delay)
 
     def _pull(self, client: ParameterClient, min_version: int) -> ParameterSnapshot:
         """Pull, retrying with backoff; give up after `give_up_after` seconds of failures.
