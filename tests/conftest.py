@@ -121,12 +121,15 @@ def random_gradient(model: torch.nn.Module, seed: int) -> list[tuple[str, torch.
 class InProcessServer:
     """A ServerApp on 127.0.0.1:0 in this process, with helpers to act as workers."""
 
-    def __init__(self, config: RunConfig, coordinator: RunCoordinator, out: Path) -> None:
+    def __init__(self, config: RunConfig, coordinator: RunCoordinator, out: Path, **settings: Any) -> None:
         from gradhub_server.app import ServerApp, ServerSettings
 
         self.config = coordinator.publish_config(config)
         self.coordinator = coordinator
-        self.app = ServerApp(self.config, coordinator, ServerSettings(out=out, drain_timeout=0.0, metrics_interval=0.1))
+        self.token = settings.get("auth_token")
+        self.app = ServerApp(
+            self.config, coordinator, ServerSettings(out=out, drain_timeout=0.0, metrics_interval=0.1, **settings)
+        )
         self.address = self.app.start()
         self._clients: list[Any] = []
         self._leases: dict[str, Any] = {}
@@ -146,7 +149,9 @@ class InProcessServer:
     def client(self, worker_id: str) -> Any:
         from gradhub_worker.client import ParameterClient
 
-        client = ParameterClient(self.address, self.config.run_id, worker_id, max_payload_bytes=1 << 26)
+        client = ParameterClient(
+            self.address, self.config.run_id, worker_id, max_payload_bytes=1 << 26, token=self.token
+        )
         self._clients.append(client)
         return client
 
@@ -163,8 +168,8 @@ class InProcessServer:
 def serve(coordinator: RunCoordinator, tmp_path: Path) -> Iterator[Any]:
     servers: list[InProcessServer] = []
 
-    def start(config: RunConfig) -> InProcessServer:
-        server = InProcessServer(config, coordinator, tmp_path / f"server-{len(servers)}")
+    def start(config: RunConfig, **settings: Any) -> InProcessServer:
+        server = InProcessServer(config, coordinator, tmp_path / f"server-{len(servers)}", **settings)
         servers.append(server)
         return server
 

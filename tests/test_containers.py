@@ -193,7 +193,7 @@ def test_compose_cluster_trains_survives_a_killed_worker_and_leaves_nothing(dock
     label = f"com.docker.compose.project={project}"
     env = {"GRADHUB_TAG": TAG, "GRADHUB_REDIS_IMAGE": built_images[0], "GRADHUB_WORKERS": "2",
            "GRADHUB_STEPS": "1500", "GRADHUB_LEASE_SECONDS": "3", "GRADHUB_EVAL_EVERY": "250",
-           "GRADHUB_RUN_ID": "compose"}
+           "GRADHUB_RUN_ID": "compose", "GRADHUB_AUTH_TOKEN": "compose-test-token-0123456789"}
     try:
         up = compose(project, "up", "-d", "--no-build", "--scale", "worker=2", env=env)
         assert up.returncode == 0, up.stderr

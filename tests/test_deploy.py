@@ -64,10 +64,13 @@ def flag_env_names(*parsers: argparse.ArgumentParser) -> set[str]:
 
 @pytest.fixture(scope="module")
 def known_env() -> set[str]:
+    from gradhub import auth
     from gradhub_server.cli import build_parser as server_parser
     from gradhub_worker.cli import build_parser as worker_parser
 
-    return flag_env_names(server_parser(), worker_parser())
+    # Besides the flags' GRADHUB_<FLAG>: the variables read directly (secrets stay off flags).
+    direct = {auth.ENV_VAR, "GRADHUB_CACHE_DIR", "GRADHUB_HEALTH_ADDRESS"}
+    return flag_env_names(server_parser(), worker_parser()) | direct
 
 
 # --- Kubernetes ------------------------------------------------------------------------------
@@ -164,7 +167,9 @@ def test_containers_are_non_root_read_only_limited_and_configured_by_known_names
             assert not unknown, f"{name}: no gradhub flag reads {sorted(unknown)}"
     # Credentials come from a Secret, never from the ConfigMap.
     config = one(docs, "ConfigMap", "gradhub-config")["data"]
-    assert "GRADHUB_REDIS_URL" not in config and "GRADHUB_REDIS_URL" in one(docs, "Secret", "gradhub-redis")["data"]
+    secret = one(docs, "Secret", "gradhub-secrets")["data"]
+    for key in ("GRADHUB_REDIS_URL", "GRADHUB_AUTH_TOKEN"):
+        assert key not in config and key in secret, key
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gradhub import auth
 from gradhub.config import add_run_config_arguments, env_name, given_run_fields
 from gradhub.errors import ConfigurationError, GradhubError
 from gradhub_cli import images
@@ -86,7 +87,10 @@ def cluster_up(args: argparse.Namespace) -> int:
         raise ConfigurationError(f"cluster {args.name!r} exists; `gradhub cluster down --name {args.name}` first")
     run_env = run_environment(args)
     workers = int(run_env["GRADHUB_WORKERS"])
-    common_env = {"GRADHUB_REDIS_URL": REDIS_URL, "GRADHUB_RUN_ID": args.run_id, "GRADHUB_LOG_LEVEL": "INFO"}
+    # A fresh token per cluster, unless the caller has one: only its workers can push.
+    token = auth.load_token() or auth.new_token()
+    common_env = {"GRADHUB_REDIS_URL": REDIS_URL, "GRADHUB_RUN_ID": args.run_id, "GRADHUB_LOG_LEVEL": "INFO",
+                  auth.ENV_VAR: token}
     server_image, worker_image = images.image_names(args.tag)
     try:
         network = client.networks.create(names["network"], driver="bridge", internal=True, labels=labels)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from gradhub import auth
 from gradhub.config import RunConfig
 from gradhub.coordination import RunCoordinator
 from gradhub.data import load_dataset
@@ -134,6 +135,9 @@ class LocalCluster:
         env = dict(os.environ)
         env.update(self.settings.extra_env)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # Every local run has a token, fresh unless the caller set one: nothing else on this
+        # machine can push into it, at no cost to the user.
+        env.setdefault(auth.ENV_VAR, auth.new_token())
         env.setdefault("OMP_NUM_THREADS", str(self._torch_threads()))
         return env
 

@@ -92,6 +92,10 @@ class ConfigConflict(CoordinationError):
     """A run's configuration was already written, with other values."""
 
 
+class Unauthenticated(GradhubError):
+    """A call without the run's token, or with another."""
+
+
 class NoFreeRank(CoordinationError):
     """Every rank of the run is held by a live worker."""
 
@@ -116,6 +120,7 @@ _STATUS_TABLE: tuple[tuple[type[GradhubError], grpc.StatusCode], ...] = (
     (ServerUnavailable, grpc.StatusCode.UNAVAILABLE),
     (VersionNotReached, grpc.StatusCode.DEADLINE_EXCEEDED),
     (CoordinationError, grpc.StatusCode.UNAVAILABLE),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
 )
 
 

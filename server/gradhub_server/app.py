@@ -28,6 +28,7 @@ from gradhub.data import load_dataset
 from gradhub.errors import ConfigurationError, CoordinationError
 from gradhub.models import build_model, count_parameters
 from gradhub.v1 import parameter_server_pb2_grpc as pb_grpc
+from gradhub_server.auth_interceptor import TokenInterceptor
 from gradhub_server.core import ParameterServerCore
 from gradhub_server.evaluation import BackgroundEvaluator, Evaluation, Evaluator
 from gradhub_server.membership import Membership
@@ -69,6 +70,8 @@ class ServerSettings:
     #: After the results are written: exit (compose, local) or keep answering health
     #: and status until SIGTERM (a Kubernetes StatefulSet would otherwise restart it).
     linger: bool = False
+    #: The run's shared token (gradhub.auth); None serves without one.
+    auth_token: str | None = None
     channel_options: tuple[tuple[str, Any], ...] = field(
         default=(
             ("grpc.keepalive_permit_without_calls", 1),
@@ -128,9 +131,13 @@ class ServerApp:
         # Dense fp32 with int64 indices is the largest honest encoding (12 bytes per element).
         limits = wire.WireLimits(max_payload_bytes=12 * self.model_parameters + (1 << 16))
         threads = settings.rpc_threads or max(16, 4 * config.workers + 4)
+        interceptors = []
+        if settings.auth_token is not None:
+            interceptors.append(TokenInterceptor(settings.auth_token, self._count_unauthenticated))
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
             options=list(settings.channel_options),
+            interceptors=interceptors,
         )
         pb_grpc.add_ParameterServerServicer_to_server(
             ParameterServerServicer(self.core, limits), self._grpc
@@ -229,6 +236,9 @@ class ServerApp:
             self._metrics_http.stop()
             self._metrics_http = None
         self.metrics.close()
+
+    def _count_unauthenticated(self) -> None:
+        self.stats.record_refused("", "Unauthenticated", wire_bytes=0, dense_bytes=0, after_finish=False)
 
     # --- background work -------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from gradhub.auth import load_token
 from gradhub.config import (
     add_run_config_arguments,
     apply_env_defaults,
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="host:port of the Prometheus /metrics endpoint; port 0 picks one; 'off' disables it")
     parser.add_argument("--metrics-interval", type=float, default=1.0,
                         help="seconds between `metrics` records in metrics.jsonl (default 1)")
+    parser.add_argument("--auth-token-file", type=Path,
+                        help="file holding the run's shared token; every RPC must carry it "
+                        "(default: GRADHUB_AUTH_TOKEN from the environment; neither: no token)")
     parser.add_argument("--linger", action="store_true",
                         help="after the run ends, keep answering health and status until SIGTERM "
                         "(for Kubernetes, which restarts a server that exits)")
@@ -80,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics_bind=None if args.metrics_bind == "off" else args.metrics_bind,
             metrics_interval=args.metrics_interval,
             linger=args.linger,
+            auth_token=load_token(args.auth_token_file),
         )
         app = ServerApp(config, coordinator, settings)
         app.start()

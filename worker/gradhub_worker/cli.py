@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from gradhub.auth import load_token
 from gradhub.config import apply_env_defaults
 from gradhub.coordination import RunCoordinator, connect, list_runs
 from gradhub.errors import GradhubError
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rank", type=int,
                         help="take exactly this rank (e.g. a Kubernetes Indexed Job's completion index); "
                         "default: the lowest free rank")
+    parser.add_argument("--auth-token-file", type=Path,
+                        help="file holding the run's shared token (default: GRADHUB_AUTH_TOKEN from the environment)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--loader-workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--cache-dir", type=Path, help="dataset cache folder (default ~/.cache/gradhub)")
@@ -76,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             rpc_timeout=args.rpc_timeout,
             give_up_after=args.give_up_after,
             rank=args.rank,
+            auth_token=load_token(args.auth_token_file),
         )
         return Worker(settings, RunCoordinator.from_url(args.redis_url, run_id)).run()
     except (GradhubError, TimeoutError) as exc:

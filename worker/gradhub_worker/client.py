@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 import torch
 
-from gradhub import wire
+from gradhub import auth, wire
 from gradhub.domain import ParameterSnapshot, PushMeta, PushResult
 from gradhub.encoded import EncodedTensor
 from gradhub.errors import GradhubError, ServerUnavailable, error_for_status
@@ -31,8 +31,11 @@ def _domain_error(exc: grpc.RpcError) -> GradhubError:
 
 
 class ParameterClient:
-    def __init__(self, address: str, run_id: str, worker_id: str, max_payload_bytes: int) -> None:
+    def __init__(
+        self, address: str, run_id: str, worker_id: str, max_payload_bytes: int, token: str | None = None
+    ) -> None:
         self.address = address
+        self._metadata = auth.metadata(token)
         self.run_id = run_id
         self.worker_id = worker_id
         self._limits = wire.WireLimits(max_payload_bytes=max_payload_bytes)
@@ -47,7 +50,7 @@ class ParameterClient:
 
     def push(self, meta: PushMeta, tensors: Sequence[EncodedTensor], timeout: float) -> PushResult:
         try:
-            reply = self._stub.Push(wire.push_requests(meta, tensors), timeout=timeout)
+            reply = self._stub.Push(wire.push_requests(meta, tensors), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _domain_error(exc) from exc
         return wire.push_result(reply)
@@ -59,7 +62,8 @@ class ParameterClient:
         No parameters when the server deferred the pull (SSP)."""
         try:
             return wire.read_push_pull(
-                self._stub.PushPull(wire.push_requests(meta, tensors), timeout=timeout), self._limits
+                self._stub.PushPull(wire.push_requests(meta, tensors), timeout=timeout, metadata=self._metadata),
+                self._limits,
             )
         except grpc.RpcError as exc:
             raise _domain_error(exc) from exc
@@ -70,13 +74,13 @@ class ParameterClient:
     ) -> ParameterSnapshot:
         request = wire.pull_request(self.run_id, self.worker_id, min_version, dtype, have_version)
         try:
-            return wire.read_pull(self._stub.Pull(request, timeout=timeout), self._limits)
+            return wire.read_pull(self._stub.Pull(request, timeout=timeout, metadata=self._metadata), self._limits)
         except grpc.RpcError as exc:
             raise _domain_error(exc) from exc
 
     def status(self, timeout: float) -> pb.ServerStatus:
         try:
-            return self._stub.GetStatus(pb.GetStatusRequest(), timeout=timeout)
+            return self._stub.GetStatus(pb.GetStatusRequest(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _domain_error(exc) from exc
 

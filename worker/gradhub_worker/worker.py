@@ -75,6 +75,8 @@ class WorkerSettings:
     give_up_after: float = 60.0
     #: A fixed rank (Kubernetes Indexed Job: the completion index); None takes the lowest free one.
     rank: int | None = None
+    #: The run's shared token (gradhub.auth), sent with every call; None: the server has none.
+    auth_token: str | None = None
 
 
 #: A registration's sequence numbers start at its fencing token << SEQ_EPOCH_BITS: fencing
@@ -203,7 +205,7 @@ class Worker:
                      s.worker_id, lease.rank, config.workers, batches.size, address, device)
             client = ParameterClient(
                 address, config.run_id, s.worker_id,
-                max_payload_bytes=12 * count_parameters(model) + (1 << 16),
+                max_payload_bytes=12 * count_parameters(model) + (1 << 16), token=s.auth_token,
             )
             client.wait_ready(s.join_timeout)
             return self._train(config, model, batches, client, keeper)
