@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gradhub.tls import ClientTls, client_tls
+
 READINESS_SERVICE = "gradhub.v1.ParameterServer"
 
 
-def check(address: str, service: str = "", timeout: float = 3.0) -> str:
+def check(address: str, service: str = "", timeout: float = 3.0, tls: ClientTls | None = None) -> str:
     """The serving status's name (SERVING, NOT_SERVING, ...) or UNREACHABLE."""
-    with grpc.insecure_channel(address) as channel:
+    channel = grpc.insecure_channel(address) if tls is None else grpc.secure_channel(address, tls.credentials())
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -37,9 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready", action="store_true",
                         help=f"ask readiness ({READINESS_SERVICE}) instead of liveness")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    parser.add_argument("--tls-ca", type=Path, help="PEM CA of the server's certificate (a TLS server)")
+    parser.add_argument("--tls-cert", type=Path, help="PEM client certificate (a mutual-TLS server)")
+    parser.add_argument("--tls-key", type=Path, help="PEM key of --tls-cert")
     parser.add_argument("--quiet", action="store_true", help="print nothing; the exit status says it")
     args = parser.parse_args(argv)
-    status = check(args.address, READINESS_SERVICE if args.ready else "", args.timeout)
+    tls = client_tls(args.tls_ca, args.tls_cert, args.tls_key)
+    status = check(args.address, READINESS_SERVICE if args.ready else "", args.timeout, tls)
     if not args.quiet:
         print(status)
     return 0 if status == "SERVING" else 1

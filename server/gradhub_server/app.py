@@ -27,6 +27,7 @@ from gradhub.coordination import RunCoordinator
 from gradhub.data import load_dataset
 from gradhub.errors import ConfigurationError, CoordinationError
 from gradhub.models import build_model, count_parameters
+from gradhub.tls import ServerTls
 from gradhub.v1 import parameter_server_pb2_grpc as pb_grpc
 from gradhub_server.auth_interceptor import TokenInterceptor
 from gradhub_server.core import ParameterServerCore
@@ -72,6 +73,8 @@ class ServerSettings:
     linger: bool = False
     #: The run's shared token (gradhub.auth); None serves without one.
     auth_token: str | None = None
+    #: TLS (and mutual TLS) for the gRPC port; None serves plaintext.
+    tls: ServerTls | None = None
     channel_options: tuple[tuple[str, Any], ...] = field(
         default=(
             ("grpc.keepalive_permit_without_calls", 1),
@@ -151,7 +154,10 @@ class ServerApp:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> str:
-        port = self._grpc.add_insecure_port(self.settings.bind)
+        if self.settings.tls is not None:
+            port = self._grpc.add_secure_port(self.settings.bind, self.settings.tls.credentials())
+        else:
+            port = self._grpc.add_insecure_port(self.settings.bind)
         if port == 0:
             raise ConfigurationError(f"cannot bind the gRPC server to {self.settings.bind}")
         self.address = self.settings.advertise or _advertised(self.settings.bind, port)

@@ -26,6 +26,7 @@ from gradhub.config import (
 from gradhub.coordination import RunCoordinator
 from gradhub.errors import GradhubError
 from gradhub.logs import set_torch_threads, setup_logging
+from gradhub.tls import server_tls
 from gradhub_server.app import ServerApp, ServerSettings
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--auth-token-file", type=Path,
                         help="file holding the run's shared token; every RPC must carry it "
                         "(default: GRADHUB_AUTH_TOKEN from the environment; neither: no token)")
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate: serve gRPC over TLS")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", type=Path,
+                        help="PEM CA: admit only clients with a certificate it signed (mutual TLS)")
     parser.add_argument("--linger", action="store_true",
                         help="after the run ends, keep answering health and status until SIGTERM "
                         "(for Kubernetes, which restarts a server that exits)")
@@ -85,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics_interval=args.metrics_interval,
             linger=args.linger,
             auth_token=load_token(args.auth_token_file),
+            tls=server_tls(args.tls_cert, args.tls_key, args.tls_client_ca),
         )
         app = ServerApp(config, coordinator, settings)
         app.start()

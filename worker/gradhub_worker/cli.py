@@ -21,6 +21,7 @@ from gradhub.coordination import RunCoordinator, connect, list_runs
 from gradhub.errors import GradhubError
 from gradhub.logs import set_torch_threads, setup_logging
 from gradhub.retry import wait_for
+from gradhub.tls import client_tls
 from gradhub_worker.worker import Worker, WorkerSettings, default_worker_id
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: the lowest free rank")
     parser.add_argument("--auth-token-file", type=Path,
                         help="file holding the run's shared token (default: GRADHUB_AUTH_TOKEN from the environment)")
+    parser.add_argument("--tls-ca", type=Path, help="PEM CA of the server's certificate: connect over TLS")
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate of this worker (mutual TLS)")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--loader-workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--cache-dir", type=Path, help="dataset cache folder (default ~/.cache/gradhub)")
@@ -80,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             give_up_after=args.give_up_after,
             rank=args.rank,
             auth_token=load_token(args.auth_token_file),
+            tls=client_tls(args.tls_ca, args.tls_cert, args.tls_key),
         )
         return Worker(settings, RunCoordinator.from_url(args.redis_url, run_id)).run()
     except (GradhubError, TimeoutError) as exc:

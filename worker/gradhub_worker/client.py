@@ -12,6 +12,7 @@ from gradhub import auth, wire
 from gradhub.domain import ParameterSnapshot, PushMeta, PushResult
 from gradhub.encoded import EncodedTensor
 from gradhub.errors import GradhubError, ServerUnavailable, error_for_status
+from gradhub.tls import ClientTls
 from gradhub.v1 import parameter_server_pb2 as pb
 from gradhub.v1 import parameter_server_pb2_grpc as pb_grpc
 
@@ -32,14 +33,18 @@ def _domain_error(exc: grpc.RpcError) -> GradhubError:
 
 class ParameterClient:
     def __init__(
-        self, address: str, run_id: str, worker_id: str, max_payload_bytes: int, token: str | None = None
+        self, address: str, run_id: str, worker_id: str, max_payload_bytes: int, token: str | None = None,
+        tls: ClientTls | None = None,
     ) -> None:
         self.address = address
         self._metadata = auth.metadata(token)
         self.run_id = run_id
         self.worker_id = worker_id
         self._limits = wire.WireLimits(max_payload_bytes=max_payload_bytes)
-        self._channel = grpc.insecure_channel(address, options=list(CHANNEL_OPTIONS))
+        if tls is None:
+            self._channel = grpc.insecure_channel(address, options=list(CHANNEL_OPTIONS))
+        else:
+            self._channel = grpc.secure_channel(address, tls.credentials(), options=list(CHANNEL_OPTIONS))
         self._stub = pb_grpc.ParameterServerStub(self._channel)
 
     def wait_ready(self, timeout: float) -> None:

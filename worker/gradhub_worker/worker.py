@@ -40,6 +40,7 @@ from gradhub.errors import (
 )
 from gradhub.models import build_model, count_parameters
 from gradhub.retry import Backoff
+from gradhub.tls import ClientTls
 from gradhub_worker.client import ParameterClient
 from gradhub_worker.error_feedback import ErrorFeedback, FeedbackOptions
 from gradhub_worker.lease import LeaseKeeper
@@ -77,6 +78,8 @@ class WorkerSettings:
     rank: int | None = None
     #: The run's shared token (gradhub.auth), sent with every call; None: the server has none.
     auth_token: str | None = None
+    #: TLS to the server (its CA, and this worker's certificate for mutual TLS); None: plaintext.
+    tls: ClientTls | None = None
 
 
 #: A registration's sequence numbers start at its fencing token << SEQ_EPOCH_BITS: fencing
@@ -205,7 +208,7 @@ class Worker:
                      s.worker_id, lease.rank, config.workers, batches.size, address, device)
             client = ParameterClient(
                 address, config.run_id, s.worker_id,
-                max_payload_bytes=12 * count_parameters(model) + (1 << 16), token=s.auth_token,
+                max_payload_bytes=12 * count_parameters(model) + (1 << 16), token=s.auth_token, tls=s.tls,
             )
             client.wait_ready(s.join_timeout)
             return self._train(config, model, batches, client, keeper)
