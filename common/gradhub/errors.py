@@ -13,6 +13,9 @@ import grpc
 class GradhubError(Exception):
     """Base of every error gradhub raises on purpose."""
 
+    #: Where two errors share a status code: the prefixes of the details that mean this one.
+    detail_prefixes: tuple[str, ...] = ()
+
     #: True when the server repeats an earlier refusal to a retried push (counted once).
     replayed: bool = False
 
@@ -38,6 +41,15 @@ class FuturePush(InvalidRequest):
 
 class PayloadTooLarge(GradhubError):
     """A declared payload larger than the server accepts."""
+
+
+class ServerBusy(GradhubError):
+    """Too many pushes in flight: nothing was read or applied; send it again after a backoff.
+
+    gRPC's own limit on concurrent calls answers with the same code and its own words.
+    """
+
+    detail_prefixes = ("server busy", "Concurrent RPC limit exceeded")
 
 
 class WrongRun(GradhubError):
@@ -111,6 +123,7 @@ _STATUS_TABLE: tuple[tuple[type[GradhubError], grpc.StatusCode], ...] = (
     (NonFiniteGradient, grpc.StatusCode.INVALID_ARGUMENT),
     (FuturePush, grpc.StatusCode.INVALID_ARGUMENT),
     (ConfigurationError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ServerBusy, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PayloadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (WrongRun, grpc.StatusCode.FAILED_PRECONDITION),
     (UnknownWorker, grpc.StatusCode.NOT_FOUND),
@@ -136,6 +149,6 @@ def status_for(error: GradhubError) -> grpc.StatusCode:
 def error_for_status(code: grpc.StatusCode, details: str) -> GradhubError:
     """The domain error a client reads from a failed call."""
     for cls, known in _STATUS_TABLE:
-        if known == code:
+        if known == code and (not cls.detail_prefixes or details.startswith(cls.detail_prefixes)):
             return cls(details)
     return ServerUnavailable(f"{code.name}: {details}")

@@ -64,6 +64,9 @@ class ServerSettings:
     #: Grace given to in-flight RPCs when the gRPC server stops.
     stop_grace: float = 2.0
     rpc_threads: int = 0
+    #: Pushes read, decoded or waiting at once (0: twice the workers plus 4); more are refused
+    #: with RESOURCE_EXHAUSTED ("server busy") before they are read.
+    max_inflight_pushes: int = 0
     #: host:port of the Prometheus `/metrics` endpoint (port 0: a free one); None: off.
     metrics_bind: str | None = "127.0.0.1:0"
     #: How often a `metrics` record goes to metrics.jsonl.
@@ -137,13 +140,16 @@ class ServerApp:
         interceptors = []
         if settings.auth_token is not None:
             interceptors.append(TokenInterceptor(settings.auth_token, self._count_unauthenticated))
+        self.max_inflight_pushes = settings.max_inflight_pushes or 2 * config.workers + 4
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
             options=list(settings.channel_options),
             interceptors=interceptors,
+            # Calls beyond this are refused by gRPC itself (RESOURCE_EXHAUSTED), not queued.
+            maximum_concurrent_rpcs=2 * threads,
         )
         pb_grpc.add_ParameterServerServicer_to_server(
-            ParameterServerServicer(self.core, limits), self._grpc
+            ParameterServerServicer(self.core, limits, self.max_inflight_pushes), self._grpc
         )
         self._health = health.HealthServicer()
         self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     parser.add_argument("--tls-client-ca", type=Path,
                         help="PEM CA: admit only clients with a certificate it signed (mutual TLS)")
+    parser.add_argument("--max-inflight-pushes", type=int, default=0,
+                        help="pushes read or waiting at once; more are refused RESOURCE_EXHAUSTED "
+                        "(default: twice the workers plus 4)")
     parser.add_argument("--linger", action="store_true",
                         help="after the run ends, keep answering health and status until SIGTERM "
                         "(for Kubernetes, which restarts a server that exits)")
@@ -89,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics_bind=None if args.metrics_bind == "off" else args.metrics_bind,
             metrics_interval=args.metrics_interval,
             linger=args.linger,
+            max_inflight_pushes=args.max_inflight_pushes,
             auth_token=load_token(args.auth_token_file),
             tls=server_tls(args.tls_cert, args.tls_key, args.tls_client_ca),
         )

@@ -10,7 +10,7 @@ import torch
 
 from gradhub import wire
 from gradhub.domain import ParameterSnapshot, Push, PushResult
-from gradhub.errors import GradhubError, PullDeferred, status_for
+from gradhub.errors import GradhubError, PullDeferred, ServerBusy, status_for
 from gradhub.v1 import parameter_server_pb2 as pb
 from gradhub.v1 import parameter_server_pb2_grpc as pb_grpc
 from gradhub_server.core import ParameterServerCore
@@ -48,22 +48,34 @@ class _PullStreams:
 
 
 class ParameterServerServicer(pb_grpc.ParameterServerServicer):
-    def __init__(self, core: ParameterServerCore, limits: wire.WireLimits) -> None:
+    def __init__(self, core: ParameterServerCore, limits: wire.WireLimits, max_inflight_pushes: int) -> None:
         self._core = core
         self._limits = limits
         self._streams = _PullStreams()
+        # Backpressure: at most this many pushes are read, decoded or waiting at once; the
+        # next is refused before a byte of it is read, so memory stays bounded under a flood.
+        self._max_inflight = max_inflight_pushes
+        self._inflight = threading.BoundedSemaphore(max_inflight_pushes)
 
     def _push(
         self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext
     ) -> tuple[Push, PushResult]:
         push: Push | None = None
+        admitted = self._inflight.acquire(blocking=False)
         try:
+            if not admitted:
+                raise ServerBusy(
+                    f"server busy: {self._max_inflight} pushes in flight; send it again after a backoff"
+                )
             push = wire.read_push(request_iterator, self._limits)
             return push, self._core.push(push, _wait_budget(context))
         except GradhubError as exc:
             self._core.refused(push, push.meta.worker_id if push else "", exc)
             context.abort(status_for(exc), str(exc))
             raise  # unreachable: abort raises
+        finally:
+            if admitted:
+                self._inflight.release()
 
     def _parameters(
         self, run_id: str, worker_id: str, min_version: int, dtype: torch.dtype,

@@ -33,6 +33,7 @@ from gradhub.errors import (
     InvalidRequest,
     NonFiniteGradient,
     RunFinished,
+    ServerBusy,
     ServerUnavailable,
     StalePush,
     UnknownWorker,
@@ -372,7 +373,7 @@ class Worker:
         while True:
             try:
                 return client.push_pull(meta, encoded, self.settings.rpc_timeout)
-            except (ServerUnavailable, VersionNotReached) as exc:
+            except (ServerUnavailable, VersionNotReached, ServerBusy) as exc:
                 state = self._run_state()
                 if state in ("finished", "interrupted", "diverged"):
                     raise RunFinished(f"the run is {state}; leaving") from exc
@@ -401,7 +402,7 @@ class Worker:
                     min_version, self.settings.rpc_timeout, self._pull_dtype,
                     self._held if self._pull_delta else None,
                 )
-            except (ServerUnavailable, VersionNotReached) as exc:
+            except (ServerUnavailable, VersionNotReached, ServerBusy) as exc:
                 state = self._run_state()
                 if state in ("finished", "interrupted", "diverged"):
                     raise RunFinished(f"the run is {state}; leaving") from exc
