@@ -284,8 +284,12 @@ def test_kubernetes_cpu_overlay_runs_as_rendered_on_docker(docker_client: Any, b
             assert worker.wait(timeout=RUN_S)["StatusCode"] == 0, worker.logs(tail=20).decode()
 
         # The StatefulSet's pod lingers: alive (no restart), not ready, results in its volume.
+        statefulset = next(d for d in docs if d["kind"] == "StatefulSet")
+        grpc_port = next(p["containerPort"] for p in statefulset["spec"]["template"]["spec"]["containers"][0]["ports"]
+                         if p["name"] == "grpc")
+
         def probe(*args: str) -> int:
-            return server.exec_run(["gradhub", "health", "--quiet", "--address", "127.0.0.1:50051", *args])[0]
+            return server.exec_run(["gradhub", "health", "--quiet", "--address", f"127.0.0.1:{grpc_port}", *args])[0]
 
         wait_until(lambda: probe("--ready") == 1, 60, "readiness to drop after the run")
         server.reload()

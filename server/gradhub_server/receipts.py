@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass, field
 
 from gradhub.domain import PushResult
-from gradhub.errors import DuplicatePush, GradhubError, VersionNotReached
+from gradhub.errors import DuplicatePush, GradhubError, ServerUnavailable, VersionNotReached
 
 
 @dataclass
@@ -74,5 +74,6 @@ class Receipts:
         if receipt.error is not None:
             receipt.error.replayed = True
             raise receipt.error
-        assert receipt.result is not None
+        if receipt.result is None:  # settle() always records one of the two
+            raise ServerUnavailable(f"push seq {receipt.seq} has no recorded outcome")
         return receipt.result

@@ -12,9 +12,10 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -47,6 +48,8 @@ from gradhub_worker.error_feedback import ErrorFeedback, FeedbackOptions
 from gradhub_worker.lease import LeaseKeeper
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 #: Consecutive non-finite local gradients after which a worker reports the run diverged.
@@ -368,28 +371,29 @@ class Worker:
         (exactly once, gradhub_server/receipts.py). So the gradient goes back to the
         residual only on a refusal, never on silence.
         """
-        backoff = Backoff(initial=0.05, maximum=2.0)
-        first_failure: float | None = None
-        while True:
-            try:
-                return client.push_pull(meta, encoded, self.settings.rpc_timeout)
-            except (ServerUnavailable, VersionNotReached, ServerBusy) as exc:
-                state = self._run_state()
-                if state in ("finished", "interrupted", "diverged"):
-                    raise RunFinished(f"the run is {state}; leaving") from exc
-                now = time.monotonic()
-                first_failure = first_failure or now
-                if now - first_failure > self.settings.give_up_after:
-                    raise ServerUnavailable(
-                        f"push seq {meta.seq} unanswered by {client.address} for {now - first_failure:.0f}s: {exc}"
-                    ) from exc
-                delay = backoff.next_delay()
-                self.pushes_retried += 1
-                log.warning("push seq %d got no answer (%s); sending it again in %.2fs", meta.seq, exc, delay)
-                time.sleep(delay)
+
+        def retried() -> None:
+            self.pushes_retried += 1
+
+        return self._until_answered(
+            lambda: client.push_pull(meta, encoded, self.settings.rpc_timeout),
+            f"push seq {meta.seq}", client.address, retried,
+        )
 
     def _pull(self, client: ParameterClient, min_version: int) -> ParameterSnapshot:
-        """Pull, retrying with backoff; give up after `give_up_after` seconds of failures.
+        return self._until_answered(
+            lambda: client.pull(
+                min_version, self.settings.rpc_timeout, self._pull_dtype,
+                self._held if self._pull_delta else None,
+            ),
+            "pull", client.address,
+        )
+
+    def _until_answered(
+        self, call: Callable[[], T], what: str, address: str, on_retry: Callable[[], None] | None = None
+    ) -> T:
+        """`call` again with backoff while the server gives no answer (unreachable, busy,
+        a deadline); give up after `give_up_after` seconds of that.
 
         Raises RunFinished when the server is gone because the run ended or was stopped:
         no point waiting for it.
@@ -398,10 +402,7 @@ class Worker:
         first_failure: float | None = None
         while True:
             try:
-                return client.pull(
-                    min_version, self.settings.rpc_timeout, self._pull_dtype,
-                    self._held if self._pull_delta else None,
-                )
+                return call()
             except (ServerUnavailable, VersionNotReached, ServerBusy) as exc:
                 state = self._run_state()
                 if state in ("finished", "interrupted", "diverged"):
@@ -410,10 +411,12 @@ class Worker:
                 first_failure = first_failure or now
                 if now - first_failure > self.settings.give_up_after:
                     raise ServerUnavailable(
-                        f"no answer from server {client.address} for {now - first_failure:.0f}s: {exc}"
+                        f"{what}: no answer from server {address} for {now - first_failure:.0f}s: {exc}"
                     ) from exc
                 delay = backoff.next_delay()
-                log.warning("pull failed (%s); retrying in %.2fs", exc, delay)
+                if on_retry is not None:
+                    on_retry()
+                log.warning("%s got no answer (%s); trying again in %.2fs", what, exc, delay)
                 time.sleep(delay)
 
     def _run_state(self) -> str | None:
