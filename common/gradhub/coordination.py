@@ -121,6 +121,17 @@ class RunCoordinator:
             )
         return existing
 
+    def restore_config(self, config: RunConfig) -> bool:
+        """Write the config again if Redis lost it (a restart without persistence); one SET NX.
+
+        True when it had to be written.
+        """
+        created = self._call("restore the run config",
+                             lambda: self.client.set(self.key("config"), config.to_json(), nx=True))
+        if created:
+            self._call("index the run", lambda: self.client.zadd(RUNS_KEY, {self.run_id: time.time()}))
+        return bool(created)
+
     def read_config(self) -> RunConfig | None:
         text = self._call("read the run config", lambda: self.client.get(self.key("config")))
         return None if text is None else RunConfig.from_json(str(text))

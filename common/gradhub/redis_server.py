@@ -70,7 +70,11 @@ class EmbeddedRedis:
         return None if self._process is None else self._process.pid
 
     def start(self) -> EmbeddedRedis:
-        self._dir = Path(tempfile.mkdtemp(prefix="gradhub-redis-"))
+        """Start redis-server; after `kill()`, start it again on the same socket (empty, as
+        after a crash without persistence)."""
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="gradhub-redis-"))
+        self.socket_path.unlink(missing_ok=True)
         args = [
             str(self._binary),
             "--port", "0",  # no TCP listener at all

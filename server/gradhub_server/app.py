@@ -309,6 +309,8 @@ class ServerApp:
     def _publish(self) -> None:
         status = self.status()
         try:
+            if self.coordinator.restore_config(self.config):
+                log.warning("Redis had lost run %s (restarted?): configuration written again", self.config.run_id)
             if self.address:
                 self.coordinator.publish_server(self.address, ttl=max(5.0, 6 * self.settings.status_interval))
             self.coordinator.write_status(status)

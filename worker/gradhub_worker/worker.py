@@ -32,7 +32,9 @@ from gradhub.errors import (
     CoordinationError,
     DuplicatePush,
     InvalidRequest,
+    NoFreeRank,
     NonFiniteGradient,
+    RedisUnavailable,
     RunFinished,
     ServerBusy,
     ServerUnavailable,
@@ -41,7 +43,7 @@ from gradhub.errors import (
     VersionNotReached,
 )
 from gradhub.models import build_model, count_parameters
-from gradhub.retry import Backoff
+from gradhub.retry import Backoff, wait_for
 from gradhub.tls import ClientTls
 from gradhub_worker.client import ParameterClient
 from gradhub_worker.error_feedback import ErrorFeedback, FeedbackOptions
@@ -431,10 +433,23 @@ class Worker:
             self.coordinator.release(old)
         except Exception:
             pass
-        lease = self.coordinator.register(
-            self.settings.worker_id, config.workers, config.lease_seconds, self.settings.join_timeout,
-            self.settings.rank,
-        )
+        s = self.settings
+        # Keep the old rank (and data shard) when it is free: after a Redis restart every
+        # lease is gone at once, and each worker should find its own rank again.
+        preferred = s.rank if s.rank is not None else old.rank
+
+        def attempt() -> Lease | None:
+            try:
+                lease = self.coordinator.try_register(s.worker_id, config.workers, config.lease_seconds, preferred)
+                if lease is None and s.rank is None:
+                    lease = self.coordinator.try_register(s.worker_id, config.workers, config.lease_seconds)
+                return lease
+            except RedisUnavailable as exc:  # Redis restarting: wait for it like for a free rank
+                log.warning("re-registering: %s", exc)
+                return None
+
+        lease = wait_for(attempt, s.join_timeout, f"a rank in run {config.run_id}",
+                         backoff=Backoff(initial=0.05, maximum=1.0), on_timeout=NoFreeRank)
         log.info("re-registered with rank %d (was %d)", lease.rank, old.rank)
         return lease
 
