@@ -123,6 +123,39 @@ def test_a_worker_killed_in_sync_mode_leaves_the_barrier_within_its_lease(
     assert any("worker-1" in e.get("left", []) for e in events if e["event"] == "membership")
 
 
+@pytest.mark.timeout(150)
+def test_a_worker_that_joins_a_sync_run_midway_gets_a_rank_the_current_model_and_a_place_in_the_barrier(
+    processes: Processes, redis_url: str, coordinator: RunCoordinator, run_id: str, tmp_path: Path
+):
+    config = coordinator.publish_config(small_config(run_id, workers=3, steps=1200, eval_every=400, lr=0.05))
+    out = tmp_path / "run"
+    server, early = start_cluster(processes, redis_url, config, out, workers=2)
+    address = coordinator.wait_server(60)
+    # Two of three planned workers: the barrier is over the live ones, so the run goes on.
+    wait_until(lambda: server_status(address).version >= 200, 60, "the run to reach version 200 with 2 workers")
+    common = ["--redis-url", redis_url, "--run-id", run_id, "--torch-threads", "1"]
+    late = processes.module("worker-2", "gradhub_worker", *common, "--worker-id", "worker-2")
+    wait_until(lambda: len(server_status(address).live_workers) == 3, 30, "the newcomer to join")
+    joined_at = server_status(address).version
+
+    assert server.wait(timeout=120) == 0, processes.log("server")
+    for worker in (*early, late):
+        assert worker.wait(timeout=30) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 1200
+    per_worker = summary["per_worker"]
+    assert per_worker["worker-2"]["rank"] == 2
+    # The early workers pushed into every step; the newcomer into every step after it joined,
+    # each computed on the current version (sync refuses anything else): it pulled the model.
+    assert per_worker["worker-0"]["pushes_applied"] == per_worker["worker-1"]["pushes_applied"] == 1200
+    assert 0 < per_worker["worker-2"]["pushes_applied"] <= 1200 - 200
+    assert per_worker["worker-2"]["pushes_applied"] >= 1200 - joined_at - 1
+    # At most its first push can lose the race with a step the server took before it saw the
+    # newcomer's lease: refused as stale, kept in the residual, sent with the next one.
+    assert per_worker["worker-2"]["refused_by_reason"] in ({}, {"StalePush": 1})
+    assert per_worker["worker-2"]["staleness"]["max"] == 0
+
+
 @pytest.mark.timeout(120)
 def test_gradhub_run_trains_reports_and_leaves_nothing_behind(tmp_path: Path):
     out = tmp_path / "run"
