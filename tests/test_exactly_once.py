@@ -54,7 +54,9 @@ def test_final_parameters_are_initial_minus_lr_times_every_acknowledged_gradient
     def push_all(index: int) -> None:
         worker_id = f"w{index}"
         server.register(worker_id)
-        worker = Worker(WorkerSettings(redis_url=redis_url, run_id=run_id, worker_id=worker_id,
+        # The proxy's address given explicitly: a worker follows the address in Redis only
+        # when it was not told where the server is.
+        worker = Worker(WorkerSettings(redis_url=redis_url, run_id=run_id, worker_id=worker_id, server=proxy.address,
                                        rpc_timeout=RPC_TIMEOUT_S, give_up_after=60.0), server.coordinator)
         client = ParameterClient(proxy.address, run_id, worker_id, max_payload_bytes=1 << 26)
         base = 0
@@ -102,7 +104,7 @@ def test_final_parameters_are_initial_minus_lr_times_every_acknowledged_gradient
     assert proxy.faults.cuts > 0 and proxy.faults.stalls > 0
     assert sum(w.pushes_retried for w in workers) > 0
     assert server.app.core.receipts.replayed > 0
-    print(f"faults: {proxy.faults}; acknowledged {len(acknowledged)}, refused {len(refused)}, "
+    print(f"faults: {proxy.faults}; acknowledged {len(acknowledged)}, refused {refused}, "
           f"retries {sum(w.pushes_retried for w in workers)}, replayed {server.app.core.receipts.replayed}")
 
 

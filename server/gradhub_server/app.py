@@ -29,6 +29,7 @@ from gradhub.errors import ConfigurationError, CoordinationError
 from gradhub.models import build_model, count_parameters
 from gradhub.tls import ServerTls
 from gradhub.v1 import parameter_server_pb2_grpc as pb_grpc
+from gradhub_server import checkpoints
 from gradhub_server.auth_interceptor import TokenInterceptor
 from gradhub_server.core import ParameterServerCore
 from gradhub_server.evaluation import BackgroundEvaluator, Evaluation, Evaluator
@@ -78,6 +79,10 @@ class ServerSettings:
     auth_token: str | None = None
     #: TLS (and mutual TLS) for the gRPC port; None serves plaintext.
     tls: ServerTls | None = None
+    #: A checkpoint every this many versions (0: none by count) ...
+    checkpoint_every: int = 0
+    #: ... and at most this many seconds after a change (0: none by time).
+    checkpoint_seconds: float = 0.0
     channel_options: tuple[tuple[str, Any], ...] = field(
         default=(
             ("grpc.keepalive_permit_without_calls", 1),
@@ -156,6 +161,54 @@ class ServerApp:
         self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         self._started = time.monotonic()
+        self.restored_from: int | None = None
+        self.versions_lost = 0
+        self._last_checkpoint = 0
+        self._restore()
+
+    def _restore(self) -> None:
+        """Start from the newest good checkpoint in the run folder, if there is one."""
+        found = checkpoints.load_newest(self.settings.out / checkpoints.FOLDER)
+        if found is None:
+            return
+        state, path = found
+        if state.get("run_id") != self.config.run_id:
+            raise ConfigurationError(f"{path} belongs to run {state.get('run_id')!r}, not {self.config.run_id!r}")
+        self.store.restore(state)
+        self.core.receipts.restore(state.get("receipts", {}))
+        self.restored_from = self._last_checkpoint = self.store.version
+        try:
+            previous = self.coordinator.read_status() or {}
+        except CoordinationError:
+            previous = {}
+        # What the crashed server had published last, minus what the checkpoint kept.
+        self.versions_lost = max(0, int(previous.get("version") or 0) - self.store.version)
+        self.metrics.write({"event": "restored", "wall_seconds": 0.0, "version": self.store.version,
+                            "checkpoint": path.name, "versions_lost": self.versions_lost})
+        log.warning("restored run %s from %s at version %d (%d versions lost)",
+                    self.config.run_id, path.name, self.store.version, self.versions_lost)
+
+    def _checkpoint(self) -> None:
+        state = self.store.checkpoint_state()
+        state["run_id"] = self.config.run_id
+        state["receipts"] = self.core.receipts.snapshot(state["version"])
+        path = checkpoints.save(self.settings.out / checkpoints.FOLDER, state)
+        self._last_checkpoint = state["version"]
+        log.debug("checkpoint %s", path.name)
+
+    def _checkpoint_loop(self) -> None:
+        every, seconds = self.settings.checkpoint_every, self.settings.checkpoint_seconds
+        last_time = time.monotonic()
+        while not self._stop_requested.wait(0.2) and not self.store.finished:
+            version = self.store.version
+            due_by_count = every and version - self._last_checkpoint >= every
+            due_by_time = seconds and version != self._last_checkpoint and time.monotonic() - last_time >= seconds
+            if due_by_count or due_by_time:
+                try:
+                    self._checkpoint()
+                except OSError as exc:
+                    log.error("checkpoint at version %d failed: %s", version, exc)
+                last_time = time.monotonic()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -192,6 +245,8 @@ class ServerApp:
         self._spawn(self._status_loop, "status")
         self._spawn(self._progress_loop, "progress")
         self._spawn(self._metrics_loop, "metrics")
+        if self.settings.checkpoint_every or self.settings.checkpoint_seconds:
+            self._spawn(self._checkpoint_loop, "checkpoints")
         log.info(
             "serving run %s (%s, %d workers, %s, %d parameters) on %s; metrics at %s",
             self.config.run_id, self.config.mode, self.config.workers, self.config.model,
@@ -220,6 +275,9 @@ class ServerApp:
         )
         if self.diverged:
             record["diverged"] = self.diverged
+        if self.restored_from is not None:
+            record["restored_from_version"] = self.restored_from
+            record["versions_lost"] = self.versions_lost
         self.metrics.write({"event": "end", "wall_seconds": round(wall, 3), "status": record["status"],
                             "version": self.store.version})
         write_run_folder(

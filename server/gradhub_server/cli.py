@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-inflight-pushes", type=int, default=0,
                         help="pushes read or waiting at once; more are refused RESOURCE_EXHAUSTED "
                         "(default: twice the workers plus 4)")
+    parser.add_argument("--checkpoint-every", type=int, default=0,
+                        help="write a checkpoint to <out>/checkpoints every N versions (0: not by count)")
+    parser.add_argument("--checkpoint-seconds", type=float, default=0.0,
+                        help="and at most this many seconds after a change (0: not by time). A server "
+                        "started on a run folder with checkpoints resumes from the newest good one")
     parser.add_argument("--linger", action="store_true",
                         help="after the run ends, keep answering health and status until SIGTERM "
                         "(for Kubernetes, which restarts a server that exits)")
@@ -93,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics_interval=args.metrics_interval,
             linger=args.linger,
             max_inflight_pushes=args.max_inflight_pushes,
+            checkpoint_every=args.checkpoint_every,
+            checkpoint_seconds=args.checkpoint_seconds,
             auth_token=load_token(args.auth_token_file),
             tls=server_tls(args.tls_cert, args.tls_key, args.tls_client_ca),
         )

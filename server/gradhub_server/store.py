@@ -12,10 +12,12 @@ can be sent only what changed since (`changed_since`).
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -201,6 +203,25 @@ class ParameterStore:
         """A copy of the parameters with the version they belong to, read atomically."""
         with self._lock:
             return self._version, [p.detach().clone() for _, p in self._named]
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Parameters, optimizer state and version, copied atomically (for a checkpoint)."""
+        with self._lock:
+            return {
+                "version": self._version,
+                "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                "optimizer": copy.deepcopy(self.rule.optimizer.state_dict()),
+            }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take a checkpoint's parameters, optimizer state and version (before serving)."""
+        with self._lock:
+            self.model.load_state_dict(state["model"])
+            self.rule.optimizer.load_state_dict(state["optimizer"])
+            self._version = int(state["version"])
+            self._changes.clear()  # no deltas across a restart: the first pulls go whole
+            self._snapshots.clear()
+            self._deltas.clear()
 
     # --- changing -------------------------------------------------------------------------
 

@@ -37,9 +37,10 @@ class ParameterClient:
         tls: ClientTls | None = None,
     ) -> None:
         self.address = address
-        self._metadata = auth.metadata(token)
         self.run_id = run_id
         self.worker_id = worker_id
+        self._settings = (max_payload_bytes, token, tls)
+        self._metadata = auth.metadata(token)
         self._limits = wire.WireLimits(max_payload_bytes=max_payload_bytes)
         if tls is None:
             self._channel = grpc.insecure_channel(address, options=list(CHANNEL_OPTIONS))
@@ -88,6 +89,11 @@ class ParameterClient:
             return self._stub.GetStatus(pb.GetStatusRequest(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _domain_error(exc) from exc
+
+    def reconnected(self, address: str) -> ParameterClient:
+        """A client like this one, to another address (the server restarted elsewhere)."""
+        max_payload_bytes, token, tls = self._settings
+        return ParameterClient(address, self.run_id, self.worker_id, max_payload_bytes, token, tls)
 
     def close(self) -> None:
         self._channel.close()

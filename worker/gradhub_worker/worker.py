@@ -190,6 +190,8 @@ class Worker:
         self.pushes_retried = 0
         self._pull_dtype = torch.float32
         self._pull_delta = False
+        #: The connection in use: replaced when the server comes back at another address.
+        self._client: ParameterClient | None = None
         #: The version of the parameters the local model holds (None before the first pull).
         self._held: int | None = None
 
@@ -217,6 +219,7 @@ class Worker:
                 max_payload_bytes=12 * count_parameters(model) + (1 << 16), token=s.auth_token, tls=s.tls,
             )
             client.wait_ready(s.join_timeout)
+            self._client = client
             return self._train(config, model, batches, client, keeper)
         finally:
             keeper.stop()
@@ -224,7 +227,9 @@ class Worker:
                 self.coordinator.release(keeper.lease)
             except Exception as exc:  # leaving is best effort: the lease expires anyway
                 log.warning("could not release lease: %s", exc)
-            if client is not None:
+            if self._client is not None:
+                self._client.close()
+            if client is not None and client is not self._client:
                 client.close()
 
     def _train(
@@ -378,21 +383,22 @@ class Worker:
             self.pushes_retried += 1
 
         return self._until_answered(
-            lambda: client.push_pull(meta, encoded, self.settings.rpc_timeout),
-            f"push seq {meta.seq}", client.address, retried,
+            lambda current: current.push_pull(meta, encoded, self.settings.rpc_timeout),
+            f"push seq {meta.seq}", client, retried,
         )
 
     def _pull(self, client: ParameterClient, min_version: int) -> ParameterSnapshot:
         return self._until_answered(
-            lambda: client.pull(
+            lambda current: current.pull(
                 min_version, self.settings.rpc_timeout, self._pull_dtype,
                 self._held if self._pull_delta else None,
             ),
-            "pull", client.address,
+            "pull", client,
         )
 
     def _until_answered(
-        self, call: Callable[[], T], what: str, address: str, on_retry: Callable[[], None] | None = None
+        self, call: Callable[[ParameterClient], T], what: str, client: ParameterClient,
+        on_retry: Callable[[], None] | None = None,
     ) -> T:
         """`call` again with backoff while the server gives no answer (unreachable, busy,
         a deadline); give up after `give_up_after` seconds of that.
@@ -400,11 +406,13 @@ class Worker:
         Raises RunFinished when the server is gone because the run ended or was stopped:
         no point waiting for it.
         """
+        if self._client is None:
+            self._client = client
         backoff = Backoff(initial=0.05, maximum=2.0)
         first_failure: float | None = None
         while True:
             try:
-                return call()
+                return call(self._client)
             except (ServerUnavailable, VersionNotReached, ServerBusy) as exc:
                 state = self._run_state()
                 if state in ("finished", "interrupted", "diverged"):
@@ -413,13 +421,30 @@ class Worker:
                 first_failure = first_failure or now
                 if now - first_failure > self.settings.give_up_after:
                     raise ServerUnavailable(
-                        f"{what}: no answer from server {address} for {now - first_failure:.0f}s: {exc}"
+                        f"{what}: no answer from server {self._client.address} for {now - first_failure:.0f}s: {exc}"
                     ) from exc
+                self._follow_server()
                 delay = backoff.next_delay()
                 if on_retry is not None:
                     on_retry()
                 log.warning("%s got no answer (%s); trying again in %.2fs", what, exc, delay)
                 time.sleep(delay)
+
+    def _follow_server(self) -> None:
+        """A server restarted elsewhere (a new port or host) publishes its new address in
+        Redis: connect there. The same push goes again under the same sequence number."""
+        current = self._client
+        if self.settings.server is not None or current is None:
+            return  # an address given by the user (a stable DNS name) is kept
+        try:
+            address = self.coordinator.server_address()
+        except CoordinationError:
+            return
+        if address is None or address == current.address:
+            return
+        log.warning("server moved from %s to %s (restarted?): reconnecting", current.address, address)
+        self._client = current.reconnected(address)
+        current.close()
 
     def _run_state(self) -> str | None:
         try:
