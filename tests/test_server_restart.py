@@ -50,6 +50,7 @@ def test_a_killed_server_resumes_from_its_newest_good_checkpoint_and_the_workers
     assert summary["status"] == "finished" and summary["steps"] == 1500
     assert summary["restored_from_version"] == kept
     assert summary["versions_lost"] == published - kept > 0
+    print(f"killed at version {published}; restored from {kept}; {summary['versions_lost']} versions lost")
     log = processes.log("server-2")
     assert f"skipping checkpoint {payload.name}: its bytes do not match its manifest" in log
     # The workers found the new server (on another port) by themselves and trained on.
