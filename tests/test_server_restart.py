@@ -66,6 +66,10 @@ def test_a_killed_server_resumes_from_its_newest_good_checkpoint_and_the_workers
     after = next(e for e in events[restored_at:] if e["event"] == "eval")
     assert before and after["version"] == kept
     assert after["test_accuracy"] >= before[-1]["test_accuracy"]
+    # A finished run is not resumed by mistake: the same run id on the same folder is refused.
+    third = processes.module("server-3", "gradhub_server", *server_args)
+    assert third.wait(timeout=60) == 2
+    assert f"run {run_id} already finished" in processes.log("server-3")
     # Checkpoints load without unpickling anything but tensors and plain values.
     state, _ = checkpoints.load_newest(folder)
     assert isinstance(state["model"], dict) and all(isinstance(v, torch.Tensor) for v in state["model"].values())

@@ -8,6 +8,7 @@ the run finished in Redis, lets workers leave, and stops serving.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
@@ -171,6 +172,12 @@ class ServerApp:
         found = checkpoints.load_newest(self.settings.out / checkpoints.FOLDER)
         if found is None:
             return
+        ended = _ended_status(self.settings.out)
+        if ended in ("finished", "diverged"):
+            raise ConfigurationError(
+                f"run {self.config.run_id} already {ended} in {self.settings.out}: "
+                "start a new run under another run id (or remove that folder)"
+            )
         state, path = found
         if state.get("run_id") != self.config.run_id:
             raise ConfigurationError(f"{path} belongs to run {state.get('run_id')!r}, not {self.config.run_id!r}")
@@ -421,6 +428,14 @@ class ServerApp:
                 "left": sorted(set(old) - set(new)),
             }
         )
+
+
+def _ended_status(out: Path) -> str | None:
+    """The status in an earlier summary.json of this run folder, if any."""
+    try:
+        return str(json.loads((out / "summary.json").read_text()).get("status"))
+    except (OSError, ValueError):
+        return None
 
 
 def _eval_dict(result: Evaluation) -> dict[str, Any]:
