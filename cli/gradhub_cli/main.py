@@ -160,9 +160,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return server_main(rest)
     if command == "worker":
+        from gradhub.processes import exit_now
         from gradhub_worker.cli import main as worker_main
 
-        return worker_main(rest)
+        exit_now(worker_main(rest))
     print(f"gradhub: unknown command {command!r}\n{__doc__}", file=sys.stderr)
     return 2
 

@@ -1,4 +1,5 @@
+from gradhub.processes import exit_now
 from gradhub_worker.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())
