@@ -98,3 +98,22 @@ def test_embedded_redis_cleans_up_its_folder():
     assert folder.exists()
     server.stop()
     wait_until(lambda: not folder.exists(), 5, "the Redis folder to be removed")
+
+
+def test_a_worker_that_registers_just_after_the_servers_refresh_is_known_on_its_first_push(
+    coordinator: RunCoordinator,
+):
+    """The CI flake of stop 10: a push that arrived within a rate-limit window after a refresh
+    that predated the worker's lease was refused as unknown, again and again."""
+    from gradhub_server.membership import Membership
+
+    membership = Membership(coordinator, world_size=2, refresh_interval=3600.0)
+    membership.refresh()  # the view: nobody; the next periodic refresh is an hour away
+    for attempt in range(20):
+        worker_id = f"newcomer-{attempt}"
+        lease = coordinator.try_register(worker_id, 2, lease_seconds=30)
+        assert lease is not None
+        assert membership.rank_of(worker_id) == lease.rank
+        coordinator.release(lease)
+        membership.refresh()
+    assert membership.rank_of("never-registered") is None

@@ -3,7 +3,10 @@
 A background thread reads the rank leases every `refresh_interval` and tells
 subscribers when the set changes, so a sync barrier stops waiting for a worker
 within (lease time + refresh interval) of its death. A push from a worker the
-view does not know triggers one immediate refresh (it may have just joined).
+view does not know triggers a refresh that starts after the push arrived (it
+may have just joined), so a worker is refused as unknown only when Redis held no
+lease for it at some moment after it sent the push. Concurrent misses share one
+refresh.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ class Membership:
         self._world_size = world_size
         self._interval = refresh_interval
         self._lock = threading.Lock()
+        self._refreshing = threading.Lock()
         self._live: dict[str, int] = {}
-        self._last_refresh = 0.0
+        self._refresh_started = float("-inf")  # of the last refresh that succeeded
         self._subscribers: list[Callable[[dict[str, int], dict[str, int]], None]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="membership", daemon=True)
@@ -54,25 +58,31 @@ class Membership:
             return dict(self._live)
 
     def rank_of(self, worker_id: str) -> int | None:
+        asked = time.monotonic()
         with self._lock:
             rank = self._live.get(worker_id)
-            stale = time.monotonic() - self._last_refresh > self._interval / 4
-        if rank is None and stale:
-            self.refresh()
+        if rank is None:
+            self.refresh(newer_than=asked)
             with self._lock:
                 rank = self._live.get(worker_id)
         return rank
 
-    def refresh(self) -> None:
-        try:
-            live = self._coordinator.live_workers(self._world_size)
-        except CoordinationError as exc:
-            # Keep the last view: a Redis hiccup must not make every worker look dead.
-            log.warning("membership refresh failed, keeping the last view: %s", exc)
-            return
-        with self._lock:
-            old, self._live = self._live, live
-            self._last_refresh = time.monotonic()
+    def refresh(self, newer_than: float | None = None) -> None:
+        """Read the leases; with `newer_than`, only when no read has started since then
+        (a caller that waited for a concurrent refresh gets that one's answer)."""
+        with self._refreshing:
+            if newer_than is not None and self._refresh_started >= newer_than:
+                return
+            started = time.monotonic()
+            try:
+                live = self._coordinator.live_workers(self._world_size)
+            except CoordinationError as exc:
+                # Keep the last view: a Redis hiccup must not make every worker look dead.
+                log.warning("membership refresh failed, keeping the last view: %s", exc)
+                return
+            with self._lock:
+                old, self._live = self._live, live
+                self._refresh_started = started
         if old != live:
             joined = sorted(set(live) - set(old))
             left = sorted(set(old) - set(live))
