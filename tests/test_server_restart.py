@@ -1,4 +1,5 @@
-"""A server killed with SIGKILL restarts from its newest good checkpoint; workers follow it."""
+"""A server killed with SIGKILL restarts from its newest good checkpoint and replays its update
+journal after it; workers follow it. Without the journal, the versions after the checkpoint are lost."""
 
 from __future__ import annotations
 
@@ -16,14 +17,17 @@ from gradhub_server import checkpoints
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "no-journal"])
 def test_a_killed_server_resumes_from_its_newest_good_checkpoint_and_the_workers_follow_it(
-    processes: Processes, redis_url: str, coordinator: RunCoordinator, run_id: str, tmp_path: Path
+    processes: Processes, redis_url: str, coordinator: RunCoordinator, run_id: str, tmp_path: Path,
+    journal: bool,
 ):
     config = coordinator.publish_config(small_config(run_id, steps=1500, eval_every=100, lr=0.05))
     out = tmp_path / "run"
     folder = out / checkpoints.FOLDER
     common = ["--redis-url", redis_url, "--run-id", config.run_id, "--torch-threads", "1"]
-    server_args = [*common, "--out", str(out), "--drain-timeout", "5", "--checkpoint-every", "100"]
+    server_args = [*common, "--out", str(out), "--drain-timeout", "5", "--checkpoint-every", "100",
+                   *([] if journal else ["--no-journal"])]
     first = processes.module("server", "gradhub_server", *server_args)
     workers = [processes.module(f"worker-{rank}", "gradhub_worker", *common, "--worker-id", f"worker-{rank}")
                for rank in range(2)]
@@ -49,8 +53,20 @@ def test_a_killed_server_resumes_from_its_newest_good_checkpoint_and_the_workers
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["steps"] == 1500
     assert summary["restored_from_version"] == kept
-    assert summary["versions_lost"] == published - kept > 0
-    print(f"killed at version {published}; restored from {kept}; {summary['versions_lost']} versions lost")
+    replayed = summary["versions_replayed"]
+    if journal:
+        # Everything the dead server applied came back: at least what it had published.
+        assert summary["versions_lost"] == 0
+        assert replayed >= published - kept > 0
+        # Exactly once across the restart: every step carried both workers' pushes, each
+        # counted once (counters restored and replayed; no retry applied a second time).
+        assert summary["pushes_applied"] == 2 * 1500
+        assert all(w["pushes_applied"] == 1500 for w in summary["per_worker"].values())
+    else:
+        assert replayed == 0
+        assert summary["versions_lost"] == published - kept > 0
+    print(f"killed at version {published}; restored from {kept}; {replayed} versions replayed; "
+          f"{summary['versions_lost']} versions lost")
     log = processes.log("server-2")
     assert f"skipping checkpoint {payload.name}: its bytes do not match its manifest" in log
     # The workers found the new server (on another port) by themselves and trained on.
@@ -64,7 +80,7 @@ def test_a_killed_server_resumes_from_its_newest_good_checkpoint_and_the_workers
     restored_at = next(i for i, e in enumerate(events) if e["event"] == "restored")
     before = [e for e in events[:restored_at] if e["event"] == "eval" and e["version"] <= kept]
     after = next(e for e in events[restored_at:] if e["event"] == "eval")
-    assert before and after["version"] == kept
+    assert before and after["version"] == kept + replayed
     assert after["test_accuracy"] >= before[-1]["test_accuracy"]
     # A finished run is not resumed by mistake: the same run id on the same folder is refused.
     third = processes.module("server-3", "gradhub_server", *server_args)

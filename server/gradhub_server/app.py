@@ -13,6 +13,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +32,11 @@ from gradhub.models import build_model, count_parameters
 from gradhub.tls import ServerTls
 from gradhub.v1 import parameter_server_pb2_grpc as pb_grpc
 from gradhub_server import checkpoints
+from gradhub_server.applied import AppliedPush
 from gradhub_server.auth_interceptor import TokenInterceptor
 from gradhub_server.core import ParameterServerCore
 from gradhub_server.evaluation import BackgroundEvaluator, Evaluation, Evaluator
+from gradhub_server.journal import UpdateJournal
 from gradhub_server.membership import Membership
 from gradhub_server.metrics_http import MetricsServer, render
 from gradhub_server.policies import build_policy
@@ -84,6 +87,16 @@ class ServerSettings:
     checkpoint_every: int = 0
     #: ... and at most this many seconds after a change (0: none by time).
     checkpoint_seconds: float = 0.0
+    #: With checkpoints on: journal every update before acknowledging it, so a restart
+    #: loses nothing acknowledged (gradhub_server/journal.py).
+    journal: bool = True
+    #: fsync each journal record: survives a power cut too, at a disk flush per version.
+    journal_fsync: bool = False
+    #: A checkpoint (which starts a new journal segment) once the journal grew this much.
+    journal_checkpoint_bytes: int = 64 << 20
+    #: Keep every journal segment (an audit trail of every version and the pushes it
+    #: carried) instead of deleting those the kept checkpoints cover.
+    keep_journal: bool = False
     channel_options: tuple[tuple[str, Any], ...] = field(
         default=(
             ("grpc.keepalive_permit_without_calls", 1),
@@ -128,6 +141,10 @@ class ServerApp:
             schedule_from_name(config.lr_schedule),
         )
         self.stats = ServerStats()
+        #: Per worker: [seq, version, staleness] of its last applied push, kept under the
+        #: store's lock, so a checkpoint's receipts match its parameters exactly.
+        self._last_applied: dict[str, list[int]] = {}
+        self.store.on_applied = self._on_applied
         self.membership = Membership(
             coordinator, config.workers, refresh_interval=max(0.05, config.lease_seconds / 6)
         )
@@ -164,13 +181,25 @@ class ServerApp:
         self._started = time.monotonic()
         self.restored_from: int | None = None
         self.versions_lost = 0
+        self.versions_replayed = 0
         self._last_checkpoint = 0
+        checkpointing = bool(settings.checkpoint_every or settings.checkpoint_seconds)
+        self.journal = (
+            UpdateJournal(settings.out / "journal", fsync=settings.journal_fsync)
+            if checkpointing and settings.journal else None
+        )
         self._restore()
+        if self.journal is not None:
+            if self.restored_from is None:
+                self._checkpoint()  # the base the journal's first records replay onto
+            self.store.journal = self.journal
 
     def _restore(self) -> None:
         """Start from the newest good checkpoint in the run folder, if there is one."""
         found = checkpoints.load_newest(self.settings.out / checkpoints.FOLDER)
         if found is None:
+            if self.journal is not None:
+                self.journal.discard()
             return
         ended = _ended_status(self.settings.out)
         if ended in ("finished", "diverged"):
@@ -182,8 +211,15 @@ class ServerApp:
         if state.get("run_id") != self.config.run_id:
             raise ConfigurationError(f"{path} belongs to run {state.get('run_id')!r}, not {self.config.run_id!r}")
         self.store.restore(state)
-        self.core.receipts.restore(state.get("receipts", {}))
+        self._last_applied = {k: list(v) for k, v in state.get("receipts", {}).items()}
+        if "stats" in state:
+            self.stats.load(state["stats"])
         self.restored_from = self._last_checkpoint = self.store.version
+        if self.journal is not None:
+            for record in self.journal.records_after(self.store.version, self.store.shapes):
+                self.store.replay(record)  # _on_applied counts it and keeps its receipts
+                self.versions_replayed += 1
+        self.core.receipts.restore(self._last_applied)
         try:
             previous = self.coordinator.read_status() or {}
         except CoordinationError:
@@ -191,17 +227,31 @@ class ServerApp:
         # What the crashed server had published last, minus what the checkpoint kept.
         self.versions_lost = max(0, int(previous.get("version") or 0) - self.store.version)
         self.metrics.write({"event": "restored", "wall_seconds": 0.0, "version": self.store.version,
-                            "checkpoint": path.name, "versions_lost": self.versions_lost})
-        log.warning("restored run %s from %s at version %d (%d versions lost)",
-                    self.config.run_id, path.name, self.store.version, self.versions_lost)
+                            "checkpoint": path.name, "versions_replayed": self.versions_replayed,
+                            "versions_lost": self.versions_lost})
+        log.warning("restored run %s from %s and %d journaled versions: at version %d (%d versions lost)",
+                    self.config.run_id, path.name, self.versions_replayed, self.store.version,
+                    self.versions_lost)
 
     def _checkpoint(self) -> None:
-        state = self.store.checkpoint_state()
+        state = self.store.checkpoint_state(
+            also=lambda: {"stats": self.stats.state(), "receipts": {k: list(v) for k, v in self._last_applied.items()}}
+        )
         state["run_id"] = self.config.run_id
-        state["receipts"] = self.core.receipts.snapshot(state["version"])
-        path = checkpoints.save(self.settings.out / checkpoints.FOLDER, state)
+        folder = self.settings.out / checkpoints.FOLDER
+        path = checkpoints.save(folder, state)
         self._last_checkpoint = state["version"]
+        if self.journal is not None:
+            self.journal.rotate()
+            if not self.settings.keep_journal:
+                self.journal.prune(covered_up_to=min(checkpoints.versions(folder)))
         log.debug("checkpoint %s", path.name)
+
+    def _on_applied(self, pushes: Sequence[AppliedPush]) -> None:
+        """Under the store's lock, right after the version that carried `pushes`."""
+        self.stats.record_applied(pushes)
+        for push in pushes:
+            self._last_applied[push.worker_id] = [push.seq, self.store.version, push.staleness]
 
     def _checkpoint_loop(self) -> None:
         every, seconds = self.settings.checkpoint_every, self.settings.checkpoint_seconds
@@ -210,7 +260,9 @@ class ServerApp:
             version = self.store.version
             due_by_count = every and version - self._last_checkpoint >= every
             due_by_time = seconds and version != self._last_checkpoint and time.monotonic() - last_time >= seconds
-            if due_by_count or due_by_time:
+            due_by_journal = (self.journal is not None
+                              and self.journal.bytes_since_rotation >= self.settings.journal_checkpoint_bytes)
+            if due_by_count or due_by_time or due_by_journal:
                 try:
                     self._checkpoint()
                 except OSError as exc:
@@ -284,6 +336,7 @@ class ServerApp:
             record["diverged"] = self.diverged
         if self.restored_from is not None:
             record["restored_from_version"] = self.restored_from
+            record["versions_replayed"] = self.versions_replayed
             record["versions_lost"] = self.versions_lost
         self.metrics.write({"event": "end", "wall_seconds": round(wall, 3), "status": record["status"],
                             "version": self.store.version})
@@ -309,6 +362,8 @@ class ServerApp:
         self.membership.stop()
         for thread in self._threads:
             thread.join(timeout=5)
+        if self.journal is not None:
+            self.journal.close()
         if self._metrics_http is not None:
             self._metrics_http.stop()
             self._metrics_http = None

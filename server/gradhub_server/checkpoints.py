@@ -58,6 +58,11 @@ def save(folder: Path, state: dict[str, Any], keep: int = 3) -> Path:
     return path
 
 
+def versions(folder: Path) -> list[int]:
+    """The versions of the checkpoints kept, oldest first."""
+    return sorted(int(path.stem.split("-", 1)[1]) for path in folder.glob("ckpt-*.json"))
+
+
 def load_newest(folder: Path) -> tuple[dict[str, Any], Path] | None:
     """The newest checkpoint whose bytes match its manifest, or None; bad ones are logged and skipped."""
     for manifest_path in sorted(folder.glob("ckpt-*.json"), reverse=True):

@@ -63,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint-seconds", type=float, default=0.0,
                         help="and at most this many seconds after a change (0: not by time). A server "
                         "started on a run folder with checkpoints resumes from the newest good one")
+    parser.add_argument("--no-journal", action="store_true",
+                        help="with checkpoints on, do not journal each update before acknowledging it "
+                        "(a restart then loses the versions after the newest checkpoint)")
+    parser.add_argument("--journal-fsync", action="store_true",
+                        help="fsync every journal record: acknowledged updates survive a power cut, "
+                        "not only a killed server (costs a disk flush per version)")
+    parser.add_argument("--keep-journal", action="store_true",
+                        help="keep every journal segment: an audit trail of every version and the "
+                        "pushes it carried (default: delete what the kept checkpoints cover)")
     parser.add_argument("--linger", action="store_true",
                         help="after the run ends, keep answering health and status until SIGTERM "
                         "(for Kubernetes, which restarts a server that exits)")
@@ -100,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             max_inflight_pushes=args.max_inflight_pushes,
             checkpoint_every=args.checkpoint_every,
             checkpoint_seconds=args.checkpoint_seconds,
+            journal=not args.no_journal,
+            journal_fsync=args.journal_fsync,
+            keep_journal=args.keep_journal,
             auth_token=load_token(args.auth_token_file),
             tls=server_tls(args.tls_cert, args.tls_key, args.tls_client_ca),
         )

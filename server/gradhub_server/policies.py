@@ -48,6 +48,7 @@ from gradhub.config import RunConfig
 from gradhub.domain import ParameterSnapshot, Push, PushResult
 from gradhub.errors import DuplicatePush, LatePush, PullDeferred, ServerUnavailable, StalePush
 from gradhub.retry import Deadline
+from gradhub_server.applied import AppliedPush
 from gradhub_server.delay_compensation import DelayCompensation, WorkerMirrors
 from gradhub_server.membership import Membership
 from gradhub_server.stats import ServerStats
@@ -195,9 +196,10 @@ class SyncPolicy(UpdatePolicy):
         if len(missing) > self.config.backup_workers:
             return
         entries = sorted(self._pending.values(), key=lambda s: (s.rank, s.push.meta.worker_id))
-        self.store.apply(mean_gradient([e.gradient for e in entries], self.store.shapes))
-        for entry in entries:
-            self.stats.record_applied(entry.push, staleness=0, rank=entry.rank)
+        self.store.apply(
+            mean_gradient([e.gradient for e in entries], self.store.shapes),
+            pushes=[AppliedPush.of(e.push, staleness=0, rank=e.rank) for e in entries],
+        )
         self._pending.clear()
         self._cond.notify_all()
 
@@ -243,9 +245,9 @@ class AsyncPolicy(UpdatePolicy):
                 due = self._line.popleft()
                 applied_staleness = version - due.submission.push.meta.base_version
                 gradient = self.compensate(due.submission.gradient, due.base)
-                new_version = self.store.apply(gradient, self.lr_scale(applied_staleness))
-                self.stats.record_applied(
-                    due.submission.push, staleness=applied_staleness, rank=due.submission.rank
+                new_version = self.store.apply(
+                    gradient, self.lr_scale(applied_staleness),
+                    pushes=[AppliedPush.of(due.submission.push, applied_staleness, due.submission.rank)],
                 )
         return PushResult(
             version=new_version, staleness=staleness + tau, finished=new_version >= self.store.steps

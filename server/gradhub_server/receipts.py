@@ -60,19 +60,10 @@ class Receipts:
             self._last[worker_id] = receipt
             return receipt, True
 
-    def snapshot(self, up_to_version: int) -> dict[str, list[int]]:
-        """Per worker: [seq, version, staleness] of its last applied push, if that push is in
-        the state of `up_to_version` (for a checkpoint of that version).
-
-        Left out, a push is processed again when retried after a restart: refused ones, and
-        those applied after the checkpoint, whose effect the restart loses anyway.
-        """
-        with self._lock:
-            return {worker: [r.seq, r.result.version, r.result.staleness]
-                    for worker, r in self._last.items()
-                    if r.settled.is_set() and r.result is not None and r.result.version <= up_to_version}
-
     def restore(self, saved: dict[str, list[int]]) -> None:
+        """Per worker, [seq, version, staleness] of its last applied push (from a checkpoint and
+        the journal replayed after it): a retry of that push is answered, not applied again.
+        Refused pushes are left out: a retry after a restart is simply processed again."""
         with self._lock:
             for worker, (seq, version, staleness) in saved.items():
                 receipt = Receipt(int(seq), result=PushResult(version=int(version), staleness=int(staleness)))

@@ -13,10 +13,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from gradhub.domain import Push
+from gradhub_server.applied import AppliedPush
 
 #: Window over which pushes per second are measured for progress reports.
 RATE_WINDOW_S = 5.0
@@ -85,27 +86,49 @@ class ServerStats:
             counters = self._workers[worker_id] = WorkerCounters()
         return counters
 
-    def record_applied(self, push: Push, staleness: int, rank: int) -> None:
+    def record_applied(self, pushes: Sequence[AppliedPush]) -> None:
         now = time.monotonic()
         with self._lock:
-            w = self._worker(push.meta.worker_id)
-            w.rank = rank
-            w.pushes_applied += 1
-            w.bytes_pushed += push.wire_bytes
-            w.dense_bytes_equivalent += push.dense_bytes
-            w.staleness[staleness] += 1
-            w.last_base_version = push.meta.base_version
-            loss = push.meta.loss
-            if loss == loss:  # not NaN
-                w.last_loss = loss
-                self._loss_ema = (
-                    loss
-                    if self._loss_ema is None
-                    else (1 - self._smoothing) * self._loss_ema + self._smoothing * loss
-                )
-            self._applied_times.append(now)
+            for push in pushes:
+                w = self._worker(push.worker_id)
+                w.rank = push.rank
+                w.pushes_applied += 1
+                w.bytes_pushed += push.wire_bytes
+                w.dense_bytes_equivalent += push.dense_bytes
+                w.staleness[push.staleness] += 1
+                w.last_base_version = push.base_version
+                loss = push.loss
+                if loss == loss:  # not NaN
+                    w.last_loss = loss
+                    self._loss_ema = (
+                        loss
+                        if self._loss_ema is None
+                        else (1 - self._smoothing) * self._loss_ema + self._smoothing * loss
+                    )
+                self._applied_times.append(now)
             while self._applied_times and self._applied_times[0] < now - RATE_WINDOW_S:
                 self._applied_times.popleft()
+
+    def state(self) -> dict[str, Any]:
+        """The counters as plain values (for a checkpoint: a restarted server goes on counting)."""
+        def plain(counters: WorkerCounters) -> dict[str, Any]:
+            # Plain dicts, not Counters: a checkpoint is loaded with weights_only=True.
+            return {**asdict(counters), "refused_by_reason": dict(counters.refused_by_reason),
+                    "staleness": dict(counters.staleness)}
+
+        with self._lock:
+            return {"workers": {k: plain(v) for k, v in self._workers.items()},
+                    "unattributed": plain(self._unattributed), "loss_ema": self._loss_ema}
+
+    def load(self, state: dict[str, Any]) -> None:
+        def counters(fields: dict[str, Any]) -> WorkerCounters:
+            return replace(WorkerCounters(**fields), refused_by_reason=Counter(fields["refused_by_reason"]),
+                           staleness=Counter(fields["staleness"]))
+
+        with self._lock:
+            self._workers = {k: counters(v) for k, v in state["workers"].items()}
+            self._unattributed = counters(state["unattributed"])
+            self._loss_ema = state["loss_ema"]
 
     def record_refused(
         self, worker_id: str, reason: str, wire_bytes: int, dense_bytes: int, after_finish: bool

@@ -2,7 +2,9 @@
 
 Everything that changes the model goes through `apply`, under one lock, after
 the caller validated the gradient with `validate`: a push that fails validation
-never reaches the parameters. Pullers get immutable snapshots, built once per
+never reaches the parameters. With a journal, each update is written to it first
+(gradhub_server/journal.py), under the same lock, so the journal's order is the
+version order; a restarted server replays it with `replay`. Pullers get immutable snapshots, built once per
 (version, dtype) and shared, so W workers pulling one version copy the model once.
 
 The store also remembers, for the last `history` versions, which coordinates each
@@ -16,7 +18,7 @@ import copy
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -25,7 +27,9 @@ from torch import nn
 from gradhub.config import RunConfig, momentum_on_workers
 from gradhub.domain import ParameterSnapshot
 from gradhub.encoded import EncodedTensor, dense, sparse
-from gradhub.errors import InvalidRequest, NonFiniteGradient, RunFinished
+from gradhub.errors import InvalidRequest, NonFiniteGradient, RunFinished, ServerUnavailable
+from gradhub_server.applied import AppliedPush
+from gradhub_server.journal import JournalRecord, UpdateJournal
 from gradhub_server.schedules import Schedule, constant
 from gradhub_server.update_rules import Gradient, SparseGradient, UpdateRule, build_update_rule
 
@@ -71,6 +75,10 @@ class ParameterStore:
         self._closed = False
         #: time.monotonic() of the update that reached the last step.
         self.finished_at: float | None = None
+        #: Where each update is written before it is made (None: not journaled).
+        self.journal: UpdateJournal | None = None
+        #: Called under the lock with the pushes each update carried (the counters).
+        self.on_applied: Callable[[Sequence[AppliedPush]], None] | None = None
 
     # --- reading --------------------------------------------------------------------------
 
@@ -204,13 +212,15 @@ class ParameterStore:
         with self._lock:
             return self._version, [p.detach().clone() for _, p in self._named]
 
-    def checkpoint_state(self) -> dict[str, Any]:
-        """Parameters, optimizer state and version, copied atomically (for a checkpoint)."""
+    def checkpoint_state(self, also: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Parameters, optimizer state and version, copied atomically (for a checkpoint), with
+        what `also` returns read under the same lock (state that `on_applied` keeps)."""
         with self._lock:
             return {
                 "version": self._version,
                 "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
                 "optimizer": copy.deepcopy(self.rule.optimizer.state_dict()),
+                **(also() if also is not None else {}),
             }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -225,23 +235,22 @@ class ParameterStore:
 
     # --- changing -------------------------------------------------------------------------
 
-    def apply(self, gradient: Sequence[Gradient], lr_scale: float = 1.0) -> int:
+    def apply(
+        self, gradient: Sequence[Gradient], lr_scale: float = 1.0, pushes: Sequence[AppliedPush] = ()
+    ) -> int:
         """One step with `gradient` (validated; dense fp32 tensors or SparseGradients,
-        applied in O(k)), at the scheduled learning rate times `lr_scale`; returns the new
-        version."""
+        applied in O(k)), at the scheduled learning rate times `lr_scale`, carrying `pushes`;
+        returns the new version."""
         with self._lock:
             if self.finished:
                 raise RunFinished(f"the run finished at version {self._version}")
-            self.rule.set_lr_factor(self._schedule(self._version / self.steps) * lr_scale)
+            factor = self._schedule(self._version / self.steps) * lr_scale
+            self._journal(JournalRecord(self._version + 1, factor, list(gradient), tuple(pushes)))
+            self.rule.set_lr_factor(factor)
             self.rule.apply(gradient)
-            self._version += 1
-            self._changes.append(
-                (self._version, [g.indices if isinstance(g, SparseGradient) else None for g in gradient])
-            )
-            if self._version >= self.steps:
-                self.finished_at = time.monotonic()
-            self._snapshots.clear()
-            self._changed.notify_all()
+            self._advanced_locked([g.indices if isinstance(g, SparseGradient) else None for g in gradient])
+            if self.on_applied is not None and pushes:
+                self.on_applied(pushes)
             return self._version
 
     def advance(self) -> int:
@@ -249,15 +258,40 @@ class ParameterStore:
         with self._lock:
             if self.finished:
                 raise RunFinished(f"the run finished at version {self._version}")
-            self._version += 1
-            self._changes.append(
-                (self._version, [torch.empty(0, dtype=torch.int64) for _ in self._named])
-            )
-            if self._version >= self.steps:
-                self.finished_at = time.monotonic()
-            self._snapshots.clear()
-            self._changed.notify_all()
+            self._journal(JournalRecord(self._version + 1, 1.0, None))
+            self._advanced_locked([torch.empty(0, dtype=torch.int64) for _ in self._named])
             return self._version
+
+    def replay(self, record: JournalRecord) -> None:
+        """Make a journaled update again (before serving): the same operation on the same
+        inputs at the same learning rate, so the same result."""
+        with self._lock:
+            if record.version != self._version + 1:
+                raise ValueError(f"journal record {record.version} does not follow version {self._version}")
+            if record.gradient is not None:
+                self.rule.set_lr_factor(record.lr_factor)
+                self.rule.apply(record.gradient)
+            self._advanced_locked(None)
+            self._changes.clear()  # no deltas across a restart: the first pulls go whole
+            if self.on_applied is not None and record.pushes:
+                self.on_applied(record.pushes)
+
+    def _journal(self, record: JournalRecord) -> None:
+        if self.journal is None:
+            return
+        try:
+            self.journal.append(record)
+        except OSError as exc:  # not written: not made, and the push is not acknowledged
+            raise ServerUnavailable(f"cannot write version {record.version} to the update journal: {exc}") from exc
+
+    def _advanced_locked(self, touched: list[torch.Tensor | None] | None) -> None:
+        self._version += 1
+        if touched is not None:
+            self._changes.append((self._version, touched))
+        if self._version >= self.steps:
+            self.finished_at = time.monotonic()
+        self._snapshots.clear()
+        self._changed.notify_all()
 
     def current_parameters(self) -> list[torch.Tensor]:
         """The live parameters, not copied: only for a caller that serialises with `apply`."""

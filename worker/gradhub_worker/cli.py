@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-ca", type=Path, help="PEM CA of the server's certificate: connect over TLS")
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate of this worker (mutual TLS)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument("--ack-log", type=Path,
+                        help="append every push the server acknowledged to this file (JSON lines: "
+                        "worker_id, seq, version), for audits against the server's journal")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--loader-workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--cache-dir", type=Path, help="dataset cache folder (default ~/.cache/gradhub)")
@@ -85,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             rank=args.rank,
             auth_token=load_token(args.auth_token_file),
             tls=client_tls(args.tls_ca, args.tls_cert, args.tls_key),
+            ack_log=args.ack_log,
         )
         return Worker(settings, RunCoordinator.from_url(args.redis_url, run_id)).run()
     except (GradhubError, TimeoutError) as exc:

@@ -43,8 +43,9 @@ from gradhub.errors import (
     VersionNotReached,
 )
 from gradhub.models import build_model, count_parameters
-from gradhub.retry import Backoff, wait_for
+from gradhub.retry import Backoff, Deadline, wait_for
 from gradhub.tls import ClientTls
+from gradhub_worker.ack_log import AckLog
 from gradhub_worker.client import ParameterClient
 from gradhub_worker.error_feedback import ErrorFeedback, FeedbackOptions
 from gradhub_worker.lease import LeaseKeeper
@@ -86,6 +87,8 @@ class WorkerSettings:
     auth_token: str | None = None
     #: TLS to the server (its CA, and this worker's certificate for mutual TLS); None: plaintext.
     tls: ClientTls | None = None
+    #: Append every acknowledged push here (gradhub_worker/ack_log.py); None: no record.
+    ack_log: Path | None = None
 
 
 #: A registration's sequence numbers start at its fencing token << SEQ_EPOCH_BITS: fencing
@@ -194,6 +197,7 @@ class Worker:
         self._client: ParameterClient | None = None
         #: The version of the parameters the local model holds (None before the first pull).
         self._held: int | None = None
+        self._acks = AckLog(settings.ack_log) if settings.ack_log is not None else None
 
     def run(self) -> int:
         s = self.settings
@@ -218,9 +222,7 @@ class Worker:
                 address, config.run_id, s.worker_id,
                 max_payload_bytes=12 * count_parameters(model) + (1 << 16), token=s.auth_token, tls=s.tls,
             )
-            client.wait_ready(s.join_timeout)
-            self._client = client
-            return self._train(config, model, batches, client, keeper)
+            return self._train(config, model, batches, self._wait_ready(client, s.join_timeout), keeper)
         finally:
             keeper.stop()
             try:
@@ -343,6 +345,8 @@ class Worker:
         try:
             result, snapshot = self._push_until_answered(client, meta, encoded)
             self.pushes_applied += 1
+            if self._acks is not None:
+                self._acks.record(meta.worker_id, meta.seq, result.version)
             if snapshot is None:  # SSP held this worker back: the push stands, pull again
                 return self._pull(client, result.version)
             return snapshot
@@ -429,6 +433,21 @@ class Worker:
                     on_retry()
                 log.warning("%s got no answer (%s); trying again in %.2fs", what, exc, delay)
                 time.sleep(delay)
+
+    def _wait_ready(self, client: ParameterClient, timeout: float) -> ParameterClient:
+        """The first contact, following the address in Redis while waiting: the server may
+        have been replaced between reading its address and connecting to it."""
+        deadline = Deadline(timeout)
+        self._client = client
+        while True:
+            current = self._client or client
+            try:
+                current.wait_ready(max(0.05, min(1.0, deadline.remaining())))
+                return current
+            except ServerUnavailable:
+                if deadline.expired():
+                    raise ServerUnavailable(f"server {current.address} not reachable within {timeout:g}s") from None
+                self._follow_server()
 
     def _follow_server(self) -> None:
         """A server restarted elsewhere (a new port or host) publishes its new address in
