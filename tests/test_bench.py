@@ -55,3 +55,20 @@ def test_micro_suites_measure_what_their_tables_state(tmp_path: Path):
     bench("indices", "--numel", "100000", "--densities", "0.001", "0.5", "--repeats", "1", "--out", str(tmp_path))
     chosen = {r["density"]: r["encoding"] for r in rows(tmp_path, "indices") if r["chosen"]}
     assert chosen == {0.001: "delta-varint", 0.5: "bitmap"}
+
+
+def test_wire_suite_measures_a_real_cluster_beside_raw_tcp_and_gloo(tmp_path: Path):
+    bench("wire", "--sizes", "200000", "--workers", "2", "--codecs", "none", "topk:0.01+fp16",
+          "--repeats", "2", "--out", str(tmp_path))
+    dense, topk = rows(tmp_path, "wire")
+    assert [dense["codec"], topk["codec"]] == ["none", "topk:0.01+fp16"]
+    # The bytes that crossed: dense fp32 is 4 bytes a parameter plus framing; top-k 1 % far less.
+    assert 4 * 200_000 <= dense["push_bytes"] < 1.02 * 4 * 200_000
+    assert topk["push_bytes"] < dense["push_bytes"] / 20
+    # A delta pull after one sparse step sends what the step changed, not the whole model.
+    assert topk["pull_delta"] and topk["pull_bytes"] < dense["pull_bytes"] / 10
+    for row in (dense, topk):
+        assert row["push_ms"] > 0 and row["pull_ms"] > 0 and row["push_pull_ms"] > 0
+        assert row["raw_tcp_push_ms"] > 0 and row["gloo_allreduce_ms"] > 0
+        assert row["push_of_raw"] == pytest.approx(row["raw_tcp_push_ms"] / row["push_ms"])
+    assert dense["push_pull_speedup_vs_dense"] == 1.0

@@ -83,6 +83,9 @@ class Cluster:
             "--ack-log", str(self.acks / f"{name}.jsonl"), "--give-up-after", "90",
         )
 
+    def ended(self) -> bool:
+        return self.server is not None and self.server.poll() is not None
+
     def version(self) -> int:
         try:
             return server_status(self.address).version
@@ -141,10 +144,11 @@ def test_chaos_kills_nothing_acknowledged_and_hangs_nowhere(processes: Processes
                 down_for = rng.randint(20, 120)  # versions trained while Redis is down
                 progressed(cluster.version() + down_for, "training while Redis is down")
                 redis.start()  # empty: no config, leases, status or address
-                wait_until(lambda: cluster.coordinator.read_config() == config, RECOVERY_S,
-                           "the server to write the configuration back")
-                wait_until(lambda: len(cluster.coordinator.live_workers(WORKERS)) == WORKERS, RECOVERY_S,
-                           "every worker to re-register")
+                # (Unless the run ended meanwhile: then nobody comes back, rightly.)
+                wait_until(lambda: cluster.ended() or cluster.coordinator.read_config() == config,
+                           RECOVERY_S, "the server to write the configuration back")
+                wait_until(lambda: cluster.ended() or len(cluster.coordinator.live_workers(WORKERS)) == WORKERS,
+                           RECOVERY_S, "every worker to re-register")
 
         assert cluster.server is not None
         try:

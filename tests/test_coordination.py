@@ -10,7 +10,7 @@ import pytest
 from conftest import wait_until
 from gradhub.config import RunConfig
 from gradhub.coordination import RunCoordinator, connect, list_runs
-from gradhub.errors import ConfigConflict, ConfigurationError, NoFreeRank, RedisUnavailable
+from gradhub.errors import ConfigConflict, ConfigurationError, CoordinationError, NoFreeRank, RedisUnavailable
 from gradhub.redis_server import EmbeddedRedis
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
@@ -117,3 +117,29 @@ def test_a_worker_that_registers_just_after_the_servers_refresh_is_known_on_its_
         coordinator.release(lease)
         membership.refresh()
     assert membership.rank_of("never-registered") is None
+
+
+def test_waiting_for_the_config_rides_out_redis_being_down_until_it_comes_back(
+    run_id: str, caplog: pytest.LogCaptureFixture
+):
+    """A worker (re)started while Redis restarts waits for it, instead of exiting at once."""
+    import threading
+
+    server = EmbeddedRedis().start()
+    try:
+        coordinator = RunCoordinator(connect(server.url, timeout=1.0), run_id)
+        server.kill()
+        waited: list[object] = []
+        waiter = threading.Thread(target=lambda: waited.append(coordinator.wait_config(30)))
+        waiter.start()
+        wait_until(lambda: "waiting up to 30s" in caplog.text, 10, "the waiter to find Redis down")
+        server.start()
+        config = coordinator.publish_config(RunConfig(run_id=run_id, workers=2))
+        waiter.join(timeout=30)
+        assert waited == [config]
+        # And when it does not come back, the timeout names why.
+        server.kill()
+        with pytest.raises(CoordinationError, match=r"timed out after 1s .*Redis unavailable"):
+            RunCoordinator(connect(server.url, timeout=0.2), "another-run").wait_config(1)
+    finally:
+        server.stop()

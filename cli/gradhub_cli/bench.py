@@ -9,6 +9,8 @@ Suites:
   apply    the server applying a fixed-k sparse gradient to models of growing size
            (flat in model size when the apply is O(k)), beside a dense apply
   indices  index encodings (raw, delta-varint, bitmap): bytes per index and time, by density
+  wire     push, pull and push+pull against a real server by model size, workers and codec,
+           beside raw loopback TCP moving the same bytes and a gloo all_reduce (ratios)
 """
 
 from __future__ import annotations
@@ -181,6 +183,13 @@ def bench_indices(args: argparse.Namespace) -> None:
     _write(args.out, "indices", rows, "\n".join(lines), vars_json(args))
 
 
+def bench_wire(args: argparse.Namespace) -> None:
+    from gradhub_cli import bench_wire as wire_suite
+
+    rows, table = wire_suite.bench_wire(args)
+    _write(args.out, "wire", rows, table, vars_json(args))
+
+
 def vars_json(args: argparse.Namespace) -> dict[str, Any]:
     meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     meta["torch"] = torch.__version__
@@ -222,14 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
     indices.add_argument("--repeats", type=int, default=9)
     indices.set_defaults(func=bench_indices)
 
-    for sub in (codecs, topk, apply, indices):
+    wire = suites.add_parser("wire", help="push/pull/push+pull against a server, raw TCP and gloo in the same run")
+    wire.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000, 50_000_000],
+                      help="model parameters (an MLP of that size)")
+    wire.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    wire.add_argument("--codecs", nargs="+", default=["none", "fp16", "topk:0.01+fp16"])
+    wire.add_argument("--repeats", type=int, default=5)
+    wire.set_defaults(func=bench_wire)
+
+    for sub in (codecs, topk, apply, indices, wire):
         sub.add_argument("--out", type=Path, default=Path("bench"), help="folder for the JSON and table")
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if args.suite != "codecs":
+    if args.suite not in ("codecs", "wire"):
         torch.set_num_threads(1)  # one core, as a server thread has
     args.func(args)
     return 0

@@ -136,12 +136,31 @@ class RunCoordinator:
         text = self._call("read the run config", lambda: self.client.get(self.key("config")))
         return None if text is None else RunConfig.from_json(str(text))
 
+    def _wait(
+        self, probe: Callable[[], T | None], timeout: float, what: str,
+        on_timeout: Callable[[str], Exception], backoff: Backoff | None = None,
+    ) -> T:
+        """wait_for, riding out Redis being down (restarting, or not up yet when a cluster
+        starts) until the timeout: the timeout's error then names the last Redis error."""
+        last: list[RedisUnavailable] = []
+
+        def attempt() -> T | None:
+            try:
+                return probe()
+            except RedisUnavailable as exc:
+                if not last:
+                    log.warning("%s; waiting up to %gs for it", exc, timeout)
+                last[:] = [exc]
+                return None
+
+        def timed_out(message: str) -> Exception:
+            return on_timeout(f"{message} ({last[0]})" if last else message)
+
+        return wait_for(attempt, timeout, what, backoff=backoff, on_timeout=timed_out)
+
     def wait_config(self, timeout: float) -> RunConfig:
-        return wait_for(
-            self.read_config,
-            timeout,
-            f"the configuration of run {self.run_id}",
-            on_timeout=CoordinationError,
+        return self._wait(
+            self.read_config, timeout, f"the configuration of run {self.run_id}", on_timeout=CoordinationError
         )
 
     # --- server address ------------------------------------------------------------------
@@ -157,7 +176,7 @@ class RunCoordinator:
         return None if value is None else str(value)
 
     def wait_server(self, timeout: float) -> str:
-        return wait_for(
+        return self._wait(
             self.server_address, timeout, f"the server of run {self.run_id}", on_timeout=CoordinationError
         )
 
@@ -189,7 +208,7 @@ class RunCoordinator:
     ) -> Lease:
         """Take the lowest free rank (or `rank`), waiting up to `timeout` for a dead worker's lease to expire."""
         wanted = f"rank {rank}" if rank is not None else f"a free rank among {world_size}"
-        return wait_for(
+        return self._wait(
             lambda: self.try_register(worker_id, world_size, lease_seconds, rank),
             timeout,
             f"{wanted} in run {self.run_id}",

@@ -427,11 +427,11 @@ class Worker:
                     raise ServerUnavailable(
                         f"{what}: no answer from server {self._client.address} for {now - first_failure:.0f}s: {exc}"
                     ) from exc
-                self._follow_server()
                 delay = backoff.next_delay()
                 if on_retry is not None:
                     on_retry()
                 log.warning("%s got no answer (%s); trying again in %.2fs", what, exc, delay)
+                self._follow_server()
                 time.sleep(delay)
 
     def _wait_ready(self, client: ParameterClient, timeout: float) -> ParameterClient:

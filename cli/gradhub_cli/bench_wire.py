@@ -1,0 +1,359 @@
+"""`gradhub bench wire`: push, pull and push+pull against a real server, beside the references
+measured in the same run: the same bytes through a raw loopback TCP socket (the wire's limit)
+and a torch.distributed gloo all_reduce of the same fp32 tensor across as many processes.
+
+Each cell starts a real cluster: an embedded Redis, a `gradhub server` process (sync mode,
+an MLP of the requested size) and W worker processes that register, encode one gradient with
+the codec and then, all at once and in lockstep: push (each push returns once the sync step
+it completes is applied), pull, and push+pull (one PushPull: the step's round trip). Times
+are medians over the repeats of the slowest worker's time (a step is over when every
+worker's is). Throughput is the bytes that crossed the wire for one worker's call divided by
+its time; the ratio to raw TCP compares it with the socket moving the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import multiprocessing as mp
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def hidden_for(parameters: int) -> int:
+    """The `wide` model's hidden width that gives about `parameters` parameters: its count
+    is linear in the width (most of it is the hidden layer, as in real models' big matrices)."""
+    from gradhub.models import build_model, count_parameters
+
+    one, two = (count_parameters(build_model("wide", {"hidden": h})) for h in (1, 2))
+    return max(1, round((parameters - one) / (two - one)) + 1)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _collect(results: Any, processes: list[Any], timeout: float) -> list[Any]:
+    """One result per process; a process that died without one is an error, not a hang."""
+    import queue
+
+    collected: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while len(collected) < len(processes):
+        try:
+            collected.append(results.get(timeout=0.5))
+            continue
+        except queue.Empty:
+            pass
+        dead = [p for p in processes if p.exitcode not in (None, 0)]
+        if dead:
+            raise RuntimeError(f"benchmark process {dead[0].name} died with exit code {dead[0].exitcode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"benchmark processes gave no result within {timeout:g}s")
+    return collected
+
+
+# --- the raw socket ------------------------------------------------------------------------
+
+
+def _tcp_receiver(port_queue: Any, nbytes: int, repeats: int) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port_queue.put(listener.getsockname()[1])
+        connection, _ = listener.accept()
+        with connection:
+            buffer = bytearray(nbytes)
+            view = memoryview(buffer)
+            for _ in range(repeats):
+                received = 0
+                while received < nbytes:
+                    got = connection.recv_into(view[received:], nbytes - received)
+                    if got == 0:
+                        return
+                    received += got
+                connection.sendall(b"k")  # the message is all here
+
+
+def raw_tcp_seconds(nbytes: int, repeats: int) -> float:
+    """Median seconds to move `nbytes` through a loopback TCP socket between two processes
+    and hear back (one byte): what any protocol over this socket can at best do."""
+    context = mp.get_context("spawn")
+    ports = context.Queue()
+    receiver = context.Process(target=_tcp_receiver, args=(ports, nbytes, repeats + 1), daemon=True)
+    receiver.start()
+    try:
+        port = ports.get(timeout=60)
+        payload = memoryview(bytearray(nbytes))  # loopback TCP does not look at the bytes
+        times = []
+        with socket.create_connection(("127.0.0.1", port)) as sender:
+            for attempt in range(repeats + 1):
+                started = time.perf_counter()
+                sender.sendall(payload)
+                if sender.recv(1) != b"k":
+                    raise RuntimeError("the raw TCP receiver went away")
+                if attempt:  # the first is a warm-up
+                    times.append(time.perf_counter() - started)
+        return statistics.median(times)
+    finally:
+        receiver.join(timeout=30)
+        if receiver.is_alive():
+            receiver.kill()
+
+
+# --- gloo all_reduce -----------------------------------------------------------------------
+
+
+def _gloo_rank(rank: int, world: int, port: int, numel: int, repeats: int, results: Any) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        tensor = torch.randn(numel)
+        times = []
+        for attempt in range(repeats + 1):
+            dist.barrier()
+            started = time.perf_counter()
+            dist.all_reduce(tensor)
+            if attempt:
+                times.append(time.perf_counter() - started)
+        results.put((rank, times))
+    finally:
+        dist.destroy_process_group()
+
+
+def gloo_allreduce_seconds(numel: int, world: int, repeats: int) -> float:
+    """Median over repeats of the slowest rank's all_reduce of `numel` fp32 (DDP's wire)."""
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = _free_port()
+    ranks = [context.Process(target=_gloo_rank, args=(r, world, port, numel, repeats, results), daemon=True)
+             for r in range(world)]
+    for process in ranks:
+        process.start()
+    try:
+        per_rank = dict(_collect(results, ranks, 600))
+    finally:
+        for process in ranks:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+    return statistics.median(max(per_rank[r][i] for r in per_rank) for i in range(repeats))
+
+
+# --- the cluster ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cell:
+    parameters: int
+    workers: int
+    codec: str
+    repeats: int
+
+    @property
+    def pull_dtype(self) -> torch.dtype:
+        return torch.float16 if self.codec.endswith("fp16") else torch.float32
+
+    @property
+    def pull_delta(self) -> bool:
+        return self.codec.startswith(("topk", "randomk", "approx-topk"))
+
+
+def _worker(rank: int, cell: Cell, redis_url: str, run_id: str, address: str, barrier: Any, results: Any) -> None:
+    from gradhub.codecs import codec_from_name
+    from gradhub.coordination import RunCoordinator
+    from gradhub.domain import PushMeta
+    from gradhub.models import build_model
+    from gradhub_worker.client import ParameterClient
+
+    torch.set_num_threads(1)
+    worker_id = f"bench-{rank}"
+    coordinator = RunCoordinator.from_url(redis_url, run_id)
+    config = coordinator.wait_config(60)
+    lease = coordinator.register(worker_id, cell.workers, 3600.0, 60, rank)
+    torch.manual_seed(rank)
+    model = build_model(config.model, config.model_kwargs)
+    codec = codec_from_name(cell.codec, seed=rank, dense_below=config.dense_below)
+    encoded = [codec.encode(name, torch.randn_like(p) * 1e-3) for name, p in model.named_parameters()]
+    client = ParameterClient(address, run_id, worker_id,
+                             max_payload_bytes=12 * sum(p.numel() for p in model.parameters()) + (1 << 16))
+    client.wait_ready(60)
+    version = client.pull(0, 600, cell.pull_dtype).version
+    seq = 0
+    timings: dict[str, list[float]] = {"push": [], "pull": [], "push_pull": []}
+    wire_bytes: dict[str, int] = {}
+
+    def meta() -> PushMeta:
+        nonlocal seq
+        seq += 1
+        return PushMeta(run_id, worker_id, seq, version, pull_dtype=cell.pull_dtype, pull_delta=cell.pull_delta)
+
+    try:
+        for attempt in range(cell.repeats + 1):
+            barrier.wait()
+            started = time.perf_counter()
+            result = client.push(meta(), encoded, 600)
+            elapsed = time.perf_counter() - started
+            version = result.version
+            barrier.wait()
+            started = time.perf_counter()
+            snapshot = client.pull(version, 600, cell.pull_dtype, version - 1 if cell.pull_delta else None)
+            pull_elapsed = time.perf_counter() - started
+            barrier.wait()
+            started = time.perf_counter()
+            pushed, snapshot_after = client.push_pull(meta(), encoded, 600)
+            round_trip = time.perf_counter() - started
+            version = pushed.version
+            if attempt:
+                timings["push"].append(elapsed)
+                timings["pull"].append(pull_elapsed)
+                timings["push_pull"].append(round_trip)
+            wire_bytes = {"pull": snapshot.wire_bytes,
+                          "push_pull_down": snapshot_after.wire_bytes if snapshot_after else 0}
+        from gradhub import wire
+
+        push_bytes = sum(m.ByteSize() + 5 + 9 for m in wire.push_requests(meta(), encoded))
+        results.put((rank, timings, {**wire_bytes, "push": push_bytes}))
+    finally:
+        client.close()
+        coordinator.release(lease)
+
+
+@contextlib.contextmanager
+def _server(cell: Cell, redis_url: str, run_id: str, out: Path) -> Iterator[str]:
+    from gradhub.config import RunConfig
+    from gradhub.coordination import RunCoordinator
+
+    coordinator = RunCoordinator.from_url(redis_url, run_id)
+    coordinator.publish_config(RunConfig(
+        run_id=run_id, mode="sync", workers=cell.workers, steps=10**9, model="wide",
+        model_kwargs={"hidden": hidden_for(cell.parameters)}, compression=cell.codec,
+        momentum=0.0, weight_decay=0.0, eval_every=10**9, lease_seconds=3600.0,
+    ))
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gradhub_server", "--redis-url", redis_url, "--run-id", run_id,
+         "--out", str(out), "--metrics-bind", "off", "--drain-timeout", "0", "--torch-threads", "1",
+         "--log-level", "WARNING"],
+    )
+    try:
+        yield coordinator.wait_server(120)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def measure_cell(cell: Cell, redis_url: str, scratch: Path) -> dict[str, Any]:
+    run_id = f"bench-wire-{uuid.uuid4().hex[:8]}"
+    context = mp.get_context("spawn")
+    barrier = context.Barrier(cell.workers)
+    results = context.Queue()
+    with _server(cell, redis_url, run_id, scratch / run_id) as address:
+        workers = [context.Process(target=_worker, args=(r, cell, redis_url, run_id, address, barrier, results),
+                                   daemon=True) for r in range(cell.workers)]
+        for process in workers:
+            process.start()
+        try:
+            collected = {rank: (timings, sizes) for rank, timings, sizes in _collect(results, workers, 1800)}
+        finally:
+            for process in workers:
+                process.join(timeout=60)
+                if process.is_alive():
+                    process.kill()
+    row: dict[str, Any] = {"parameters": cell.parameters, "workers": cell.workers, "codec": cell.codec,
+                           "pull_dtype": str(cell.pull_dtype).removeprefix("torch."),
+                           "pull_delta": cell.pull_delta}
+    for call in ("push", "pull", "push_pull"):
+        slowest = [max(collected[r][0][call][i] for r in collected) for i in range(cell.repeats)]
+        row[f"{call}_ms"] = 1000 * statistics.median(slowest)
+    sizes = collected[0][1]
+    row["push_bytes"] = sizes["push"]
+    row["pull_bytes"] = sizes["pull"]
+    row["push_pull_bytes"] = sizes["push"] + sizes["push_pull_down"]
+    return row
+
+
+def bench_wire(args: Any) -> tuple[list[dict[str, Any]], str]:
+    from gradhub.redis_server import EmbeddedRedis
+
+    rows: list[dict[str, Any]] = []
+    raw_cache: dict[int, float] = {}
+    gloo_cache: dict[tuple[int, int], float] = {}
+
+    def raw_ms(nbytes: int) -> float:
+        if nbytes not in raw_cache:
+            raw_cache[nbytes] = 1000 * raw_tcp_seconds(nbytes, args.repeats)
+        return raw_cache[nbytes]
+
+    with EmbeddedRedis() as redis, tempfile.TemporaryDirectory(prefix="gradhub-bench-") as scratch:
+        for parameters in args.sizes:
+            for workers in args.workers:
+                key = (parameters, workers)
+                # A world of one process all-reduces nothing: no reference to compare with.
+                gloo_cache[key] = (1000 * gloo_allreduce_seconds(parameters, workers, args.repeats)
+                                   if workers > 1 else math.nan)
+                for codec in args.codecs:
+                    cell = Cell(parameters, workers, codec, args.repeats)
+                    row = measure_cell(cell, redis.url, Path(scratch))
+                    row["gloo_allreduce_ms"] = gloo_cache[key]
+                    for call in ("push", "pull"):
+                        row[f"raw_tcp_{call}_ms"] = raw_ms(row[f"{call}_bytes"])
+                        row[f"{call}_gbps"] = row[f"{call}_bytes"] / row[f"{call}_ms"] / 1e6
+                        row[f"{call}_of_raw"] = row[f"raw_tcp_{call}_ms"] / row[f"{call}_ms"]
+                    row["push_pull_vs_gloo"] = row["push_pull_ms"] / row["gloo_allreduce_ms"]
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+    dense = {(r["parameters"], r["workers"]): r for r in rows if r["codec"] in ("none", "fp32")}
+    for row in rows:
+        reference = dense.get((row["parameters"], row["workers"]))
+        row["push_pull_speedup_vs_dense"] = (reference["push_pull_ms"] / row["push_pull_ms"]
+                                             if reference else math.nan)
+    return rows, table(rows)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "Sync mode; times are medians of the slowest worker; raw TCP moves the same bytes over a "
+        "loopback socket in the same run; gloo is an all_reduce of the fp32 tensor across as many processes.",
+        "",
+        "| parameters | workers | codec | push | push GB/s (of raw TCP) | pull | pull GB/s (of raw TCP) "
+        "| push+pull | gloo all_reduce | push+pull / gloo | speed-up vs dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        speedup = r["push_pull_speedup_vs_dense"]
+        lines.append(
+            f"| {r['parameters'] / 1e6:g} M | {r['workers']} | {r['codec']} | {r['push_ms']:.1f} ms "
+            f"| {r['push_gbps']:.2f} ({100 * r['push_of_raw']:.0f} %) | {r['pull_ms']:.1f} ms "
+            f"| {r['pull_gbps']:.2f} ({100 * r['pull_of_raw']:.0f} %) | {r['push_pull_ms']:.1f} ms "
+            f"| {_ms(r['gloo_allreduce_ms'])} | {_x(r['push_pull_vs_gloo'], 2)} "
+            f"| {_x(speedup, 1)} |"
+        )
+    return "\n".join(lines)
+
+
+def _ms(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:.1f} ms"
+
+
+def _x(value: float, digits: int) -> str:
+    return "—" if math.isnan(value) else f"{value:.{digits}f}x"
