@@ -155,3 +155,55 @@ def test_corrupted_varint_indices_are_refused():
     messages[0].data = bytes(data)
     with pytest.raises(InvalidRequest, match="tensor 's'"):
         wire.read_push(messages, LIMITS)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shapes=st.lists(shapes, min_size=1, max_size=4),
+    sparse=st.booleans(),
+    chunk=st.integers(1, 300),
+    seed=st.integers(0, 2**16),
+)
+def test_serialized_streams_are_the_protobuf_streams_bytes_and_read_back_the_same(shapes, sparse, chunk, seed):
+    """push_stream / pull_stream write the data-only messages without protobuf objects: the
+    bytes must be exactly what protobuf writes (any peer reads them), and what the parsers
+    turn them into must decode to the same push and pull."""
+    generator = torch.Generator().manual_seed(seed)
+    codec = codec_from_name("topk:0.3+fp16", dense_below=0) if sparse else codec_from_name("none")
+    tensors = [codec.encode(f"t{i}", torch.randn(s, generator=generator)) for i, s in enumerate(shapes)]
+    messages = list(wire.push_requests(META, tensors, chunk_bytes=chunk))
+    serialized = list(wire.push_stream(META, tensors, chunk_bytes=chunk))
+    assert len(serialized) == len(messages)
+    for raw, message in zip(serialized, messages):
+        assert wire.pb.PushRequest.FromString(raw) == message
+        if not message.HasField("header"):
+            assert raw == message.SerializeToString()
+    parsed = [wire.parse_push_request(raw) for raw in serialized]
+    assert all(isinstance(p, wire.RawChunk) for p in parsed[1:])
+    limits = wire.WireLimits(max_payload_bytes=1 << 20, max_chunk_bytes=chunk)
+    push = wire.read_push(parsed, limits)
+    assert push.meta == META and push.wire_bytes == sum(wire.framed_size(m) for m in messages)
+    for a, b in zip(tensors, push.tensors):
+        assert_same(a, b)
+
+    snapshot = ParameterSnapshot(version=7, tensors=tuple(tensors), finished=False)
+    pulled = wire.pull_stream(snapshot, chunk_bytes=chunk)
+    assert [wire.pb.PullResponse.FromString(raw) for raw in pulled] == wire.pull_responses(snapshot, chunk)
+    result, read = wire.read_push_pull(
+        [wire.parse_pull_response(raw) for raw in wire.with_push_result_serialized(pulled, PushResult(8, 1, False))],
+        limits)
+    assert result == PushResult(8, 1, False) and read.version == 7
+    for a, b in zip(tensors, read.tensors):
+        assert_same(a, b)
+
+
+def test_a_malformed_data_only_message_goes_to_protobuf_which_refuses_it():
+    from google.protobuf.message import DecodeError
+
+    good = next(iter(wire.push_stream(META, [dense("a", torch.randn(400))], chunk_bytes=100)))
+    chunk = list(wire.push_stream(META, [dense("a", torch.randn(400))], chunk_bytes=100))[1]
+    assert isinstance(wire.parse_push_request(chunk), wire.RawChunk)
+    for broken in (chunk[:-1], chunk + b"\x00", b"\x10\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff", b"\x1a\x05ab"):
+        with pytest.raises(DecodeError):
+            wire.parse_push_request(broken)
+    assert not isinstance(wire.parse_push_request(good), wire.RawChunk)  # the header's goes to protobuf

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradhub.encoded import EncodedTensor, Layout, sparse
+from gradhub.encoded import EncodedTensor, Layout, all_finite, sparse
 from gradhub.errors import ConfigurationError, NonFiniteGradient
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -178,7 +178,7 @@ class Codec(ABC):
         Raises NonFiniteGradient for NaN or Inf: such a gradient must not be sent.
         """
         flat = tensor.detach().reshape(-1).to(torch.float32)
-        if flat.numel() and not bool(torch.isfinite(flat).all()):
+        if not all_finite(flat):
             raise NonFiniteGradient(f"gradient for {name!r} holds NaN or Inf: not encoded")
         return self._encode(name, tuple(tensor.shape), flat)
 

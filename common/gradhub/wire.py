@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy
 import torch
 
 from gradhub import index_coding
@@ -65,10 +66,12 @@ HTTP2_FRAME_HEADER = 9
 
 
 def framed_size(message: object) -> int:
-    """Bytes a protobuf message takes on the socket: itself, gRPC's prefix, HTTP/2 frame
-    headers. (A call's HEADERS frames, compressed by HPACK to a few dozen bytes once a
-    connection is warm, are not counted: tests/test_wire_bytes.py measures them.)"""
-    size = message.ByteSize() + GRPC_MESSAGE_PREFIX  # type: ignore[attr-defined]
+    """Bytes a protobuf message (or a serialized one) takes on the socket: itself, gRPC's
+    prefix, HTTP/2 frame headers. (A call's HEADERS frames, compressed by HPACK to a few
+    dozen bytes once a connection is warm, are not counted: tests/test_wire_bytes.py
+    measures them.)"""
+    length = len(message) if isinstance(message, bytes) else message.ByteSize()  # type: ignore[attr-defined]
+    size = length + GRPC_MESSAGE_PREFIX
     return size + HTTP2_FRAME_HEADER * -(-size // HTTP2_FRAME)
 
 
@@ -135,8 +138,8 @@ def _segments(tensors: Sequence[EncodedTensor]) -> list[memoryview]:
     return [view for view in views if len(view)]
 
 
-def _chunks(tensors: Sequence[EncodedTensor], chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
-    """(offset, data) pairs covering the payload; one copy of each byte, none of the whole."""
+def _chunk_parts(tensors: Sequence[EncodedTensor], chunk_bytes: int) -> Iterator[tuple[int, list[memoryview]]]:
+    """(offset, views) pairs covering the payload, each at most `chunk_bytes`; no copies."""
     pending: list[memoryview] = []
     pending_size = 0
     offset = 0
@@ -148,18 +151,140 @@ def _chunks(tensors: Sequence[EncodedTensor], chunk_bytes: int) -> Iterator[tupl
             pending_size += take
             start += take
             if pending_size == chunk_bytes:
-                yield offset, b"".join(pending)
+                yield offset, pending
                 offset += pending_size
                 pending, pending_size = [], 0
     if pending_size:
-        yield offset, b"".join(pending)
+        yield offset, pending
 
 
-def push_requests(
+def _chunks(tensors: Sequence[EncodedTensor], chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, data) pairs covering the payload; one copy of each byte, none of the whole."""
+    for offset, parts in _chunk_parts(tensors, chunk_bytes):
+        yield offset, b"".join(parts)
+
+
+# --- data-only messages without protobuf objects -----------------------------------------
+#
+# Every message of a stream after the first carries only (offset, data): fields 2 and 3
+# of both PushRequest and PullResponse. Built and parsed through protobuf objects, each
+# payload byte would be copied into a `bytes`, into the message, and out again when it is
+# serialized (and as often on the way in). These are the same wire bytes, written straight
+# from the tensors' memory (one copy) and read as a view of the received buffer (none):
+# peers that use plain protobuf read and write them unchanged. Anything else, the first
+# message included, goes through protobuf.
+
+#: The service's full name, for registering and calling its methods by hand.
+SERVICE: str = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+
+_OFFSET_TAG = 0x10  # field 2, varint
+_DATA_TAG = 0x1A  # field 3, length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(data: bytes, position: int) -> tuple[int, int] | None:
+    value = shift = 0
+    for index in range(position, min(position + 10, len(data))):
+        byte = data[index]
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, index + 1
+        shift += 7
+    return None
+
+
+@dataclass(frozen=True)
+class RawChunk:
+    """A parsed data-only message: `data` is a view into the received bytes."""
+
+    offset: int
+    data: memoryview
+    serialized_size: int
+
+    def HasField(self, name: str) -> bool:
+        return False
+
+    def ByteSize(self) -> int:
+        return self.serialized_size
+
+
+def _parse_raw_chunk(data: bytes) -> RawChunk | None:
+    """The message when it is exactly [offset] data, as this module writes them; None
+    for anything else (protobuf then parses it, and rejects what is malformed)."""
+    position, offset = 0, 0
+    if data[:1] == bytes([_OFFSET_TAG]):
+        parsed = _read_varint(data, 1)
+        if parsed is None:
+            return None
+        offset, position = parsed
+    if data[position : position + 1] != bytes([_DATA_TAG]):
+        return None
+    parsed = _read_varint(data, position + 1)
+    if parsed is None or parsed[1] + parsed[0] != len(data):
+        return None
+    return RawChunk(offset, memoryview(data)[parsed[1] :], len(data))
+
+
+def _raw_chunks(tensors: Sequence[EncodedTensor], chunk_bytes: int) -> Iterator[bytes]:
+    """The serialized data-only messages of a payload: one copy from the tensors."""
+    for offset, parts in _chunk_parts(tensors, chunk_bytes):
+        prefix = (bytes([_OFFSET_TAG]) + _varint(offset) if offset else b"") + bytes([_DATA_TAG])
+        yield b"".join([prefix, _varint(sum(len(part) for part in parts)), *parts])
+
+
+def parse_push_request(data: bytes) -> pb.PushRequest | RawChunk:
+    """gRPC request deserializer of Push and PushPull."""
+    return _parse_raw_chunk(data) or pb.PushRequest.FromString(data)
+
+
+def parse_pull_response(data: bytes) -> pb.PullResponse | RawChunk:
+    """gRPC response deserializer of Pull and PushPull."""
+    return _parse_raw_chunk(data) or pb.PullResponse.FromString(data)
+
+
+def serialize(message: bytes | _Serializable) -> bytes:
+    """gRPC serializer for streams of protobuf messages and already serialized ones."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+class _Serializable(Protocol):
+    def SerializeToString(self) -> bytes: ...
+
+
+def push_stream(
     meta: PushMeta, tensors: Sequence[EncodedTensor], chunk_bytes: int = CHUNK_BYTES
-) -> Iterator[pb.PushRequest]:
-    """The client stream of one push: the header rides with the first chunk."""
-    header = pb.PushHeader(
+) -> Iterator[bytes]:
+    """`push_requests` serialized, the chunks straight from the tensors' memory. The header
+    message and the first chunk travel as one message: serialized protobuf messages
+    concatenated are the message with both messages' fields."""
+    header = pb.PushRequest(header=_push_header(meta, tensors)).SerializeToString()
+    chunks = _raw_chunks(tensors, chunk_bytes)
+    yield header + next(chunks, b"")
+    yield from chunks
+
+
+def pull_stream(snapshot: ParameterSnapshot, chunk_bytes: int = CHUNK_BYTES) -> list[bytes]:
+    """`pull_responses` serialized, built once per version and shared by every puller."""
+    header = pb.PullResponse(header=_pull_header(snapshot)).SerializeToString()
+    chunks = _raw_chunks(snapshot.tensors, chunk_bytes)
+    return [header + next(chunks, b""), *chunks]
+
+
+def with_push_result_serialized(messages: Sequence[bytes], result: PushResult) -> list[bytes]:
+    """`with_push_result` for a serialized stream: the push's fate prepended to the first."""
+    return [pb.PullResponse(pushed=push_reply(result)).SerializeToString() + messages[0], *messages[1:]]
+
+
+def _push_header(meta: PushMeta, tensors: Sequence[EncodedTensor]) -> pb.PushHeader:
+    return pb.PushHeader(
         run_id=meta.run_id,
         worker_id=meta.worker_id,
         seq=meta.seq,
@@ -171,6 +296,25 @@ def push_requests(
         pull_dtype=dtype_to_proto(meta.pull_dtype),
         pull_delta=meta.pull_delta,
     )
+
+
+def _pull_header(snapshot: ParameterSnapshot) -> pb.PullHeader:
+    header = pb.PullHeader(
+        version=snapshot.version,
+        tensors=[spec_to_proto(t) for t in snapshot.tensors],
+        payload_bytes=sum(t.byte_length for t in snapshot.tensors),
+        finished=snapshot.finished,
+    )
+    if snapshot.delta_from is not None:
+        header.delta_from = snapshot.delta_from
+    return header
+
+
+def push_requests(
+    meta: PushMeta, tensors: Sequence[EncodedTensor], chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[pb.PushRequest]:
+    """The client stream of one push: the header rides with the first chunk."""
+    header = _push_header(meta, tensors)
     first = True
     for offset, data in _chunks(tensors, chunk_bytes):
         if first:
@@ -185,15 +329,8 @@ def push_requests(
 def pull_responses(
     snapshot: ParameterSnapshot, chunk_bytes: int = CHUNK_BYTES
 ) -> list[pb.PullResponse]:
-    """The server stream of one pull, built once per version and shared by every puller."""
-    header = pb.PullHeader(
-        version=snapshot.version,
-        tensors=[spec_to_proto(t) for t in snapshot.tensors],
-        payload_bytes=sum(t.byte_length for t in snapshot.tensors),
-        finished=snapshot.finished,
-    )
-    if snapshot.delta_from is not None:
-        header.delta_from = snapshot.delta_from
+    """The server stream of one pull as protobuf messages (what `pull_stream` serializes)."""
+    header = _pull_header(snapshot)
     messages: list[pb.PullResponse] = []
     for offset, data in _chunks(snapshot.tensors, chunk_bytes):
         if not messages:
@@ -356,8 +493,10 @@ class _Assembler:
     """Collects a payload from chunks that must arrive in order and fill it exactly."""
 
     def __init__(self, size: int, limits: WireLimits) -> None:
-        self._buffer = bytearray(size)
-        self._view = memoryview(self._buffer)
+        # Uninitialised: every byte is written by a chunk before it is read (finish() checks),
+        # so zero-filling tens of megabytes first would only cost time.
+        self._buffer = numpy.empty(size, dtype=numpy.uint8)
+        self._view = self._buffer.data
         self._received = 0
         self._limits = limits
 
@@ -378,7 +517,7 @@ class _Assembler:
         self._view[self._received : self._received + size] = chunk.data
         self._received += size
 
-    def finish(self) -> bytearray:
+    def finish(self) -> numpy.ndarray:
         if self._received != len(self._buffer):
             raise InvalidRequest(
                 f"stream ended after {self._received} of {len(self._buffer)} payload bytes"
@@ -386,7 +525,7 @@ class _Assembler:
         return self._buffer
 
 
-def _decode(buffer: bytearray, declared: Sequence[_Declared]) -> tuple[EncodedTensor, ...]:
+def _decode(buffer: numpy.ndarray, declared: Sequence[_Declared]) -> tuple[EncodedTensor, ...]:
     tensors: list[EncodedTensor] = []
     offset = 0
 

@@ -30,7 +30,6 @@ from gradhub.data import load_dataset
 from gradhub.errors import ConfigurationError, CoordinationError
 from gradhub.models import build_model, count_parameters
 from gradhub.tls import ServerTls
-from gradhub.v1 import parameter_server_pb2_grpc as pb_grpc
 from gradhub_server import checkpoints
 from gradhub_server.applied import AppliedPush
 from gradhub_server.auth_interceptor import TokenInterceptor
@@ -42,7 +41,7 @@ from gradhub_server.metrics_http import MetricsServer, render
 from gradhub_server.policies import build_policy
 from gradhub_server.report import MetricsLog, metrics_record, summary, write_run_folder
 from gradhub_server.schedules import schedule_from_name
-from gradhub_server.servicer import ParameterServerServicer
+from gradhub_server.servicer import ParameterServerServicer, add_to_server
 from gradhub_server.stats import ServerStats
 from gradhub_server.store import ParameterStore, build_rule
 
@@ -50,7 +49,7 @@ log = logging.getLogger(__name__)
 
 #: The service name probes ask for readiness: SERVING while the run takes pushes.
 #: The empty name ("", liveness) stays SERVING for as long as the process is up.
-SERVICE_NAME = "gradhub.v1.ParameterServer"
+SERVICE_NAME = wire.SERVICE
 
 
 @dataclass(frozen=True)
@@ -171,9 +170,7 @@ class ServerApp:
             # Calls beyond this are refused by gRPC itself (RESOURCE_EXHAUSTED), not queued.
             maximum_concurrent_rpcs=2 * threads,
         )
-        pb_grpc.add_ParameterServerServicer_to_server(
-            ParameterServerServicer(self.core, limits, self.max_inflight_pushes), self._grpc
-        )
+        add_to_server(ParameterServerServicer(self.core, limits, self.max_inflight_pushes), self._grpc)
         self._health = health.HealthServicer()
         self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)

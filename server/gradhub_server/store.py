@@ -131,7 +131,8 @@ class ParameterStore:
         cached = self._snapshots.get(dtype)
         if cached is not None:
             return cached
-        tensors = tuple(dense(name, p.detach().clone(), dtype) for name, p in self._named)
+        # One pass per parameter: the copy and the conversion are the same operation.
+        tensors = tuple(dense(name, p.detach().to(dtype=dtype, copy=True), dtype) for name, p in self._named)
         snap = ParameterSnapshot(version=self._version, tensors=tensors, finished=self.finished)
         self._snapshots[dtype] = snap
         return snap

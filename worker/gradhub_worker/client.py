@@ -47,6 +47,16 @@ class ParameterClient:
         else:
             self._channel = grpc.secure_channel(address, tls.credentials(), options=list(CHANNEL_OPTIONS))
         self._stub = pb_grpc.ParameterServerStub(self._channel)
+        # The payload streams with gradhub.wire's (de)serializers: the same wire format,
+        # the chunks written from the tensors and read as views (see wire.push_stream).
+        self._push = self._channel.stream_unary(
+            f"/{wire.SERVICE}/Push", request_serializer=wire.serialize, response_deserializer=pb.PushReply.FromString)
+        self._push_pull = self._channel.stream_stream(
+            f"/{wire.SERVICE}/PushPull", request_serializer=wire.serialize,
+            response_deserializer=wire.parse_pull_response)
+        self._pull = self._channel.unary_stream(
+            f"/{wire.SERVICE}/Pull", request_serializer=pb.PullRequest.SerializeToString,
+            response_deserializer=wire.parse_pull_response)
 
     def wait_ready(self, timeout: float) -> None:
         try:
@@ -56,7 +66,7 @@ class ParameterClient:
 
     def push(self, meta: PushMeta, tensors: Sequence[EncodedTensor], timeout: float) -> PushResult:
         try:
-            reply = self._stub.Push(wire.push_requests(meta, tensors), timeout=timeout, metadata=self._metadata)
+            reply = self._push(wire.push_stream(meta, tensors), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _domain_error(exc) from exc
         return wire.push_result(reply)
@@ -68,7 +78,7 @@ class ParameterClient:
         No parameters when the server deferred the pull (SSP)."""
         try:
             return wire.read_push_pull(
-                self._stub.PushPull(wire.push_requests(meta, tensors), timeout=timeout, metadata=self._metadata),
+                self._push_pull(wire.push_stream(meta, tensors), timeout=timeout, metadata=self._metadata),
                 self._limits,
             )
         except grpc.RpcError as exc:
@@ -80,7 +90,7 @@ class ParameterClient:
     ) -> ParameterSnapshot:
         request = wire.pull_request(self.run_id, self.worker_id, min_version, dtype, have_version)
         try:
-            return wire.read_pull(self._stub.Pull(request, timeout=timeout, metadata=self._metadata), self._limits)
+            return wire.read_pull(self._pull(request, timeout=timeout, metadata=self._metadata), self._limits)
         except grpc.RpcError as exc:
             raise _domain_error(exc) from exc
 
