@@ -11,6 +11,7 @@ Suites:
   indices  index encodings (raw, delta-varint, bitmap): bytes per index and time, by density
   wire     push, pull and push+pull against a real server by model size, workers and codec,
            beside raw loopback TCP moving the same bytes and a gloo all_reduce (ratios)
+  overhead a real cluster's sync step against a local training step of the same batch
 """
 
 from __future__ import annotations
@@ -190,6 +191,28 @@ def bench_wire(args: argparse.Namespace) -> None:
     _write(args.out, "wire", rows, table, vars_json(args))
 
 
+def bench_overhead(args: argparse.Namespace) -> None:
+    from gradhub_cli.bench_wire import cluster_step_ms, local_step_ms
+
+    local = local_step_ms(args.model, args.batch_size, args.repeats)
+    run_dir = args.out / "runs" / f"overhead-{args.model}-{args.workers}w"
+    command = [sys.executable, "-m", "gradhub_cli", "run", "--mode", "sync", "--workers", str(args.workers),
+               "--model", args.model, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+               "--eval-every", str(args.steps), "--out", str(run_dir), "--no-progress", *args.extra]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"run failed:\n{result.stderr[-2000:]}")
+    step = cluster_step_ms(run_dir / "metrics.jsonl")
+    rows = [{"model": args.model, "batch_size": args.batch_size, "workers": args.workers,
+             "local_step_ms": local, "cluster_step_ms": step, "overhead_ms": step - local,
+             "command": " ".join(command[3:])}]
+    lines = [f"{args.model}, batch {args.batch_size}: a {args.workers}-worker sync step of a real cluster "
+             "against one local training step (forward, backward, SGD) on one thread", "",
+             "| local step | cluster step (sync) | overhead per step |", "|---|---|---|",
+             f"| {local:.2f} ms | {step:.2f} ms | {step - local:.2f} ms |"]
+    _write(args.out, "overhead", rows, "\n".join(lines), vars_json(args))
+
+
 def vars_json(args: argparse.Namespace) -> dict[str, Any]:
     meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     meta["torch"] = torch.__version__
@@ -239,14 +262,24 @@ def build_parser() -> argparse.ArgumentParser:
     wire.add_argument("--repeats", type=int, default=5)
     wire.set_defaults(func=bench_wire)
 
-    for sub in (codecs, topk, apply, indices, wire):
+    overhead = suites.add_parser("overhead", help="a cluster's sync step against a local training step")
+    overhead.add_argument("--model", default="cnn")
+    overhead.add_argument("--batch-size", type=int, default=50)
+    overhead.add_argument("--workers", type=int, default=2)
+    overhead.add_argument("--steps", type=int, default=3000)
+    overhead.add_argument("--repeats", type=int, default=500)
+    overhead.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                          help="flags passed to `gradhub run` (last on the line)")
+    overhead.set_defaults(func=bench_overhead)
+
+    for sub in (codecs, topk, apply, indices, wire, overhead):
         sub.add_argument("--out", type=Path, default=Path("bench"), help="folder for the JSON and table")
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if args.suite not in ("codecs", "wire"):
+    if args.suite not in ("codecs", "wire", "overhead"):
         torch.set_num_threads(1)  # one core, as a server thread has
     args.func(args)
     return 0

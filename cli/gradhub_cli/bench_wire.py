@@ -357,3 +357,38 @@ def _ms(value: float) -> str:
 
 def _x(value: float, digits: int) -> str:
     return "—" if math.isnan(value) else f"{value:.{digits}f}x"
+
+
+# --- the cluster's per-step overhead ---------------------------------------------------------
+
+
+def local_step_ms(model_name: str, batch_size: int, repeats: int) -> float:
+    """Median ms of one training step in one process on one thread: forward, loss, backward,
+    SGD step, on a batch of MNIST-1D's shape: what a worker does without a cluster."""
+    from gradhub.models import build_model
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = build_model(model_name, {})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = torch.randn(batch_size, 40), torch.randint(0, 10, (batch_size,))
+    times = []
+    for attempt in range(repeats + 20):
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        if attempt >= 20:  # warm-up
+            times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+def cluster_step_ms(metrics_path: Path) -> float:
+    """ms per version over the middle of a run (10 % to 90 % of its versions), from the
+    server's once-a-second metrics records: start-up and the last evaluation left out."""
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    points = [(r["version"], r["wall_seconds"]) for r in records if r.get("event") == "metrics"]
+    last = max(v for v, _ in points)
+    middle = [(v, t) for v, t in points if 0.1 * last <= v <= 0.9 * last]
+    (v0, t0), (v1, t1) = middle[0], middle[-1]
+    return 1000 * (t1 - t0) / (v1 - v0)
