@@ -78,3 +78,29 @@ def test_dense_pushes_make_a_delta_pull_the_whole_model_and_fp16_pulls_halve_the
     full16 = server.client("w").pull(0, 10, dtype=torch.float16)
     assert full16.tensors[0].values.dtype == torch.float16
     assert full16.wire_bytes < 0.55 * full32.wire_bytes
+
+
+@pytest.mark.parametrize("model, one_message", [("cnn", True), ("wide", False)])
+def test_a_small_models_step_is_one_unary_call_and_a_big_ones_falls_back_to_a_pull(serve, run_id, model, one_message):
+    """Step: the push and the parameters in one message each way when they fit (the CNN's
+    5 k parameters); the 1 M-parameter model's do not, so the reply says only what became of
+    the push, and the client leaves the pull to its caller."""
+    server = serve(small_config(run_id, mode="async", workers=1, max_staleness=100, model=model))
+    server.register("w")
+    client = server.client("w")
+    client.one_message_steps = True
+    gradient = random_gradient(build_model(model), 0)
+    encoded = [codec_from_name("topk:0.01", dense_below=0).encode(n, g) for n, g in gradient]
+    result, snapshot = client.push_pull(PushMeta(run_id, "w", 1, 0), encoded, timeout=10)
+    assert result.version == 1
+    if one_message:
+        assert snapshot is not None and snapshot.version == 1
+        assert torch.equal(torch.cat([t.float_values() for t in snapshot.tensors]),
+                           torch.cat([p.view(-1) for p in server.parameters()]))
+    else:
+        assert snapshot is None
+        assert client.pull(1, 10).version == 1
+    status = server.app.stats.totals()["workers"]["w"]
+    assert status["pushes_applied"] == 1
+    # A pull is counted only when its bytes were sent: by Step for the CNN, by Pull for `wide`.
+    assert status["bytes_pulled"] > 0

@@ -79,7 +79,10 @@ class ParameterServerServicer:
     def _parameters(
         self, run_id: str, worker_id: str, min_version: int, dtype: torch.dtype,
         context: grpc.ServicerContext, pushed: PushResult | None = None, have_version: int | None = None,
-    ) -> Iterator[pb.PullResponse | bytes]:
+    ) -> tuple[list[pb.PullResponse | bytes], int]:
+        """The messages of the pull stream (with the push's fate when `pushed`) and their
+        wire bytes; for a pull the policy defers after a push (SSP), only that fate (0 bytes
+        of parameters)."""
         try:
             snapshot = self._core.pull(
                 run_id, min_version, dtype, _wait_budget(context), have_version, worker_id
@@ -88,15 +91,13 @@ class ParameterServerServicer:
             if isinstance(exc, PullDeferred) and pushed is not None:
                 # The push stands; the worker may not read yet (SSP). Say so without
                 # parameters: an error status here would read as a failed push.
-                yield pb.PullResponse(pushed=wire.push_reply(pushed))
-                return
+                return [pb.PullResponse(pushed=wire.push_reply(pushed))], 0
             context.abort(status_for(exc), str(exc))
             raise  # unreachable: abort raises
         messages, size = self._streams.get(snapshot, dtype)
         if pushed is not None:
             messages = wire.with_push_result_serialized(messages, pushed)
-        yield from messages
-        self._core.stats.record_pull(worker_id, size)
+        return list(messages), size
 
     def Push(
         self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext
@@ -112,10 +113,12 @@ class ParameterServerServicer:
         except GradhubError as exc:
             context.abort(status_for(exc), str(exc))
             raise  # unreachable: abort raises
-        yield from self._parameters(
+        messages, size = self._parameters(
             request.run_id, request.worker_id, request.min_version, dtype, context,
             have_version=wire.have_version(request),
         )
+        yield from messages
+        self._core.stats.record_pull(request.worker_id, size)
 
     def PushPull(
         self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext
@@ -124,10 +127,26 @@ class ParameterServerServicer:
         # barrier) completes before anything is sent back.
         push, result = self._push(request_iterator, context)
         meta = push.meta
-        yield from self._parameters(
+        messages, size = self._parameters(
             meta.run_id, meta.worker_id, result.version, meta.pull_dtype, context, pushed=result,
             have_version=meta.base_version if meta.pull_delta else None,
         )
+        yield from messages
+        self._core.stats.record_pull(meta.worker_id, size)
+
+    def Step(self, request: pb.PushRequest, context: grpc.ServicerContext) -> pb.PullResponse | bytes:
+        push, result = self._push(iter([request]), context)
+        meta = push.meta
+        messages, size = self._parameters(
+            meta.run_id, meta.worker_id, result.version, meta.pull_dtype, context, pushed=result,
+            have_version=meta.base_version if meta.pull_delta else None,
+        )
+        if len(messages) > 1:
+            # The parameters need more than one message: say what became of the push;
+            # the worker pulls them with Pull.
+            return pb.PullResponse(pushed=wire.push_reply(result))
+        self._core.stats.record_pull(meta.worker_id, size)
+        return messages[0]
 
     def GetStatus(
         self, request: pb.GetStatusRequest, context: grpc.ServicerContext
@@ -158,6 +177,8 @@ def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> Non
             servicer.Pull, request_deserializer=pb.PullRequest.FromString, response_serializer=wire.serialize),
         "PushPull": grpc.stream_stream_rpc_method_handler(
             servicer.PushPull, request_deserializer=wire.parse_push_request, response_serializer=wire.serialize),
+        "Step": grpc.unary_unary_rpc_method_handler(
+            servicer.Step, request_deserializer=wire.parse_push_request, response_serializer=wire.serialize),
         "GetStatus": grpc.unary_unary_rpc_method_handler(
             servicer.GetStatus, request_deserializer=pb.GetStatusRequest.FromString,
             response_serializer=pb.ServerStatus.SerializeToString),

@@ -34,11 +34,14 @@ def _domain_error(exc: grpc.RpcError) -> GradhubError:
 class ParameterClient:
     def __init__(
         self, address: str, run_id: str, worker_id: str, max_payload_bytes: int, token: str | None = None,
-        tls: ClientTls | None = None,
+        tls: ClientTls | None = None, one_message_steps: bool = False,
     ) -> None:
+        """`one_message_steps`: the model's parameters fit in one message, so a push+pull
+        whose push does too goes as one unary Step call instead of a PushPull stream."""
         self.address = address
         self.run_id = run_id
         self.worker_id = worker_id
+        self.one_message_steps = one_message_steps
         self._settings = (max_payload_bytes, token, tls)
         self._metadata = auth.metadata(token)
         self._limits = wire.WireLimits(max_payload_bytes=max_payload_bytes)
@@ -53,6 +56,9 @@ class ParameterClient:
             f"/{wire.SERVICE}/Push", request_serializer=wire.serialize, response_deserializer=pb.PushReply.FromString)
         self._push_pull = self._channel.stream_stream(
             f"/{wire.SERVICE}/PushPull", request_serializer=wire.serialize,
+            response_deserializer=wire.parse_pull_response)
+        self._step = self._channel.unary_unary(
+            f"/{wire.SERVICE}/Step", request_serializer=wire.serialize,
             response_deserializer=wire.parse_pull_response)
         self._pull = self._channel.unary_stream(
             f"/{wire.SERVICE}/Pull", request_serializer=pb.PullRequest.SerializeToString,
@@ -75,8 +81,14 @@ class ParameterClient:
         self, meta: PushMeta, tensors: Sequence[EncodedTensor], timeout: float
     ) -> tuple[PushResult, ParameterSnapshot | None]:
         """Push, then receive the parameters of the version the push led to: one round trip.
-        No parameters when the server deferred the pull (SSP)."""
+        No parameters when the server deferred the pull (SSP), or (Step) when they did not
+        fit in one message: the caller pulls them."""
         try:
+            if self.one_message_steps:
+                messages = list(wire.push_stream(meta, tensors))
+                if len(messages) == 1:
+                    reply = self._step(messages[0], timeout=timeout, metadata=self._metadata)
+                    return wire.read_push_pull([reply], self._limits)
             return wire.read_push_pull(
                 self._push_pull(wire.push_stream(meta, tensors), timeout=timeout, metadata=self._metadata),
                 self._limits,
@@ -103,7 +115,8 @@ class ParameterClient:
     def reconnected(self, address: str) -> ParameterClient:
         """A client like this one, to another address (the server restarted elsewhere)."""
         max_payload_bytes, token, tls = self._settings
-        return ParameterClient(address, self.run_id, self.worker_id, max_payload_bytes, token, tls)
+        return ParameterClient(address, self.run_id, self.worker_id, max_payload_bytes, token, tls,
+                               self.one_message_steps)
 
     def close(self) -> None:
         self._channel.close()

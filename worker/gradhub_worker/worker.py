@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from gradhub import wire
 from gradhub.codecs import codec_from_name
 from gradhub.config import RunConfig, momentum_on_workers, pull_delta_of, pull_dtype_of
 from gradhub.coordination import Lease, RunCoordinator
@@ -90,6 +91,9 @@ class WorkerSettings:
     #: Append every acknowledged push here (gradhub_worker/ack_log.py); None: no record.
     ack_log: Path | None = None
 
+
+#: Room for a message's header (names, shapes, specs) beside the parameters' bytes.
+ONE_MESSAGE_SLACK = 64 << 10
 
 #: A registration's sequence numbers start at its fencing token << SEQ_EPOCH_BITS: fencing
 #: tokens only grow, so a restarted worker that keeps its id (a Kubernetes pod's name) never
@@ -218,9 +222,11 @@ class Worker:
             address = s.server or self.coordinator.wait_server(s.join_timeout)
             log.info("worker %s: rank %d of %d (%d samples), server %s, device %s",
                      s.worker_id, lease.rank, config.workers, batches.size, address, device)
+            parameters = count_parameters(model)
             client = ParameterClient(
                 address, config.run_id, s.worker_id,
-                max_payload_bytes=12 * count_parameters(model) + (1 << 16), token=s.auth_token, tls=s.tls,
+                max_payload_bytes=12 * parameters + (1 << 16), token=s.auth_token, tls=s.tls,
+                one_message_steps=4 * parameters + ONE_MESSAGE_SLACK <= wire.CHUNK_BYTES,
             )
             return self._train(config, model, batches, self._wait_ready(client, s.join_timeout), keeper)
         finally:
@@ -347,7 +353,7 @@ class Worker:
             self.pushes_applied += 1
             if self._acks is not None:
                 self._acks.record(meta.worker_id, meta.seq, result.version)
-            if snapshot is None:  # SSP held this worker back: the push stands, pull again
+            if snapshot is None:  # SSP held it back, or too big for one Step message: pull
                 return self._pull(client, result.version)
             return snapshot
         except DuplicatePush as exc:

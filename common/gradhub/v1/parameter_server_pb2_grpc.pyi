@@ -53,6 +53,14 @@ class ParameterServerStub:
     call: the worker's step needs one round trip instead of two. A refused push ends the
     call with the status Push would have returned.
     """
+    Step: _grpc.UnaryUnaryMultiCallable[_parameter_server_pb2.PushRequest, _parameter_server_pb2.PullResponse]
+    """PushPull in one message each way, for small models: the push fits in one PushRequest
+    (header and all data) and the reply is one PullResponse saying what became of the
+    push and, when they fit in one message, carrying the parameters (header and all
+    data); when they do not, or the pull is deferred (SSP), only `pushed` (pull them with
+    Pull). gRPC streams cost about a millisecond more per call than unary calls, which
+    is most of a small model's step. A refused push ends the call with Push's status.
+    """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_parameter_server_pb2.GetStatusRequest, _parameter_server_pb2.ServerStatus]
     """A cheap snapshot of the server's state."""
 
@@ -67,6 +75,14 @@ class ParameterServerAsyncStub(ParameterServerStub):
     """Push a gradient, then stream back the parameters of the version it led to, in one
     call: the worker's step needs one round trip instead of two. A refused push ends the
     call with the status Push would have returned.
+    """
+    Step: _aio.UnaryUnaryMultiCallable[_parameter_server_pb2.PushRequest, _parameter_server_pb2.PullResponse]  # type: ignore[assignment]
+    """PushPull in one message each way, for small models: the push fits in one PushRequest
+    (header and all data) and the reply is one PullResponse saying what became of the
+    push and, when they fit in one message, carrying the parameters (header and all
+    data); when they do not, or the pull is deferred (SSP), only `pushed` (pull them with
+    Pull). gRPC streams cost about a millisecond more per call than unary calls, which
+    is most of a small model's step. A refused push ends the call with Push's status.
     """
     GetStatus: _aio.UnaryUnaryMultiCallable[_parameter_server_pb2.GetStatusRequest, _parameter_server_pb2.ServerStatus]  # type: ignore[assignment]
     """A cheap snapshot of the server's state."""
@@ -97,6 +113,20 @@ class ParameterServerServicer(metaclass=_abc_1.ABCMeta):
         """Push a gradient, then stream back the parameters of the version it led to, in one
         call: the worker's step needs one round trip instead of two. A refused push ends the
         call with the status Push would have returned.
+        """
+
+    @_abc_1.abstractmethod
+    def Step(
+        self,
+        request: _parameter_server_pb2.PushRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_parameter_server_pb2.PullResponse, _abc.Awaitable[_parameter_server_pb2.PullResponse]]:
+        """PushPull in one message each way, for small models: the push fits in one PushRequest
+        (header and all data) and the reply is one PullResponse saying what became of the
+        push and, when they fit in one message, carrying the parameters (header and all
+        data); when they do not, or the pull is deferred (SSP), only `pushed` (pull them with
+        Pull). gRPC streams cost about a millisecond more per call than unary calls, which
+        is most of a small model's step. A refused push ends the call with Push's status.
         """
 
     @_abc_1.abstractmethod
