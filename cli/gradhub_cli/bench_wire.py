@@ -228,7 +228,7 @@ def _worker(rank: int, cell: Cell, redis_url: str, run_id: str, address: str, ba
                           "push_pull_down": snapshot_after.wire_bytes if snapshot_after else 0}
         from gradhub import wire
 
-        push_bytes = sum(m.ByteSize() + 5 + 9 for m in wire.push_requests(meta(), encoded))
+        push_bytes = sum(wire.framed_size(m) for m in wire.push_stream(meta(), encoded))
         results.put((rank, timings, {**wire_bytes, "push": push_bytes}))
     finally:
         client.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -84,14 +84,15 @@ class ParameterClient:
         No parameters when the server deferred the pull (SSP), or (Step) when they did not
         fit in one message: the caller pulls them."""
         try:
+            messages: Iterator[bytes] = wire.push_stream(meta, tensors)
             if self.one_message_steps:
-                messages = list(wire.push_stream(meta, tensors))
-                if len(messages) == 1:
-                    reply = self._step(messages[0], timeout=timeout, metadata=self._metadata)
+                serialized = list(messages)
+                if len(serialized) == 1:
+                    reply = self._step(serialized[0], timeout=timeout, metadata=self._metadata)
                     return wire.read_push_pull([reply], self._limits)
+                messages = iter(serialized)  # too big for one message: stream what is built
             return wire.read_push_pull(
-                self._push_pull(wire.push_stream(meta, tensors), timeout=timeout, metadata=self._metadata),
-                self._limits,
+                self._push_pull(messages, timeout=timeout, metadata=self._metadata), self._limits
             )
         except grpc.RpcError as exc:
             raise _domain_error(exc) from exc
