@@ -76,7 +76,8 @@ def test_pull_round_trip_keeps_version_and_finished_flag():
 
 def test_push_pull_stream_carries_the_push_result_in_its_first_message():
     snapshot = ParameterSnapshot(version=3, tensors=(dense("a", torch.randn(300)),))
-    messages = wire.with_push_result(wire.pull_responses(snapshot, chunk_bytes=256), PushResult(3, 1, False))
+    serialized = wire.with_push_result_serialized(wire.pull_stream(snapshot, chunk_bytes=256), PushResult(3, 1, False))
+    messages = [wire.parse_pull_response(m) for m in serialized]
     assert len(messages) == 5 and messages[0].HasField("pushed") and messages[0].HasField("header")
     result, read = wire.read_push_pull(messages, LIMITS)
     assert result == PushResult(version=3, staleness=1, finished=False)

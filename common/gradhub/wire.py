@@ -279,7 +279,10 @@ def pull_stream(snapshot: ParameterSnapshot, chunk_bytes: int = CHUNK_BYTES) -> 
 
 
 def with_push_result_serialized(messages: Sequence[bytes], result: PushResult) -> list[bytes]:
-    """`with_push_result` for a serialized stream: the push's fate prepended to the first."""
+    """A pull stream for PushPull: the same messages, the first one also saying what became
+    of the push (prepended: serialized messages concatenated merge). Only the first message
+    is copied (one message for a small model: every message of a server stream costs a send
+    round trip in gRPC Python)."""
     return [pb.PullResponse(pushed=push_reply(result)).SerializeToString() + messages[0], *messages[1:]]
 
 
@@ -340,15 +343,6 @@ def pull_responses(
     if not messages:
         messages.append(pb.PullResponse(header=header))
     return messages
-
-
-def with_push_result(messages: Sequence[pb.PullResponse], result: PushResult) -> list[pb.PullResponse]:
-    """A pull stream for PushPull: the same messages, the first one also saying what became of
-    the push. Only the first message is copied (one message for a small model: every message
-    of a server stream costs a send round trip in gRPC Python)."""
-    first = pb.PullResponse(pushed=push_reply(result))
-    first.MergeFrom(messages[0])
-    return [first, *messages[1:]]
 
 
 def push_reply(result: PushResult) -> pb.PushReply:
