@@ -40,6 +40,8 @@ def test_liveness_and_readiness_follow_the_run_and_a_lingering_server_stays_aliv
     # The run is over: not ready for pushes, still alive (a StatefulSet must not restart it).
     wait_until(lambda: check(server.address, READINESS_SERVICE) == "NOT_SERVING", 20, "readiness to drop")
     assert check(server.address) == "SERVING"
+    # ...and only once the run folder is complete, so "not ready" is the cue to fetch results.
+    assert (server.app.settings.out / "summary.json").is_file()
     assert not ended.is_set()
     assert subprocess.run([*probe, "--ready"], timeout=30).returncode == 1
 

@@ -320,7 +320,6 @@ class ServerApp:
         interrupted = not self.store.finished
         ended = "diverged" if self.diverged and interrupted else ("interrupted" if interrupted else "finished")
         self._state = ended if interrupted else "finishing"
-        self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         final = self.evaluator.evaluate_now()
         self._write_metrics()
         totals = self.stats.totals()
@@ -341,6 +340,9 @@ class ServerApp:
             self.settings.out, self.config, record, self.store.state_dict(), list(self.metrics.evals),
             self.stats.staleness_histograms(),
         )
+        # Readiness drops only now: "not ready" tells an orchestrator (and `kubectl wait`) that
+        # the run is over *and* its folder is complete; pushes meanwhile get the run-over answer.
+        self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._state = ended
         self._publish()
         if not interrupted:
