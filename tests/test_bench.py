@@ -35,7 +35,7 @@ def test_codecs_suite_trains_each_codec_reports_its_ratio_and_resumes(tmp_path: 
     none, topk = measured
     assert none["steps"] == topk["steps"] == 20
     assert 0.95 < none["ratio"] <= 1.0  # dense fp32 is the reference; framing costs a little
-    assert topk["ratio"] > 10  # 5 % of the coordinates: fp16 values and varint indices
+    assert topk["ratio"] > 10  # 5 % of the coordinates: fp16 values and raw int32 indices (4 / 0.3)
     assert "+0.00 pts" in (tmp_path / "codecs.md").read_text()
 
     # A second invocation finds both runs finished with the same command and reuses them.

@@ -116,11 +116,15 @@ def test_small_tensors_travel_whole_under_sparsifiers():
     assert codec_from_name("topk:0.001", dense_below=0).encode("bias", torch.randn(160)).nnz == 1
 
 
-def test_sparse_indices_travel_in_two_bytes_at_a_thousandth():
-    encoded = codec_from_name("topk:0.001").encode("x", torch.randn(1_000_000))
+def test_sparse_indices_travel_in_two_bytes_at_a_thousandth_when_compact():
+    encoded = codec_from_name("topk:0.001", compact_indices=True).encode("x", torch.randn(1_000_000))
     assert encoded.index_encoding.value == "delta-varint"
     assert encoded.index_bytes / encoded.nnz < 2.0
     assert 4 * 1_000_000 / encoded.byte_length > 1000  # fp16 values + varint indices
+    # The default (fast) index coding sends them raw: 4 bytes, next to no CPU.
+    fast = codec_from_name("topk:0.001").encode("x", torch.randn(1_000_000))
+    assert fast.index_encoding.value == "raw" and fast.index_bytes == 4 * fast.nnz
+    assert codec_from_name("topk:0.001").payload_bytes(1_000_000) == fast.byte_length
 
 
 @pytest.mark.parametrize("distribution", ["normal", "heavy-tailed", "mostly-zero"])

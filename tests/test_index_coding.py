@@ -32,13 +32,17 @@ def test_every_encoding_round_trips_exactly_in_the_size_it_states(case, encoding
     assert torch.equal(decoded, indices)
 
 
-def test_best_encoding_follows_density():
+def test_best_encoding_follows_density_and_the_index_coding():
     numel = 1_000_000
     sparse = torch.arange(0, numel, 1000)  # 0.1 %: gaps of 1,000 -> 2-byte varints
-    assert ic.best_encoding(sparse, numel) is ic.IndexEncoding.DELTA_VARINT
+    # compact: the fewest bytes; fast (the default): varints never, they cost more CPU
+    # than their bytes save on a fast link (index_coding's docstring has the figures).
+    assert ic.best_encoding(sparse, numel, compact=True) is ic.IndexEncoding.DELTA_VARINT
+    assert ic.best_encoding(sparse, numel) is ic.IndexEncoding.RAW
     assert ic.encoded_size(sparse, numel, ic.IndexEncoding.DELTA_VARINT) == 2 * len(sparse) - 1
-    dense = torch.arange(0, numel, 3)  # a third of the elements: the bitmap wins
-    assert ic.best_encoding(dense, numel) is ic.IndexEncoding.BITMAP
+    dense = torch.arange(0, numel, 3)  # a third of the elements: the bitmap is smallest
+    assert ic.best_encoding(dense, numel, compact=True) is ic.IndexEncoding.BITMAP
+    assert ic.best_encoding(dense, numel) is ic.IndexEncoding.RAW
 
 
 def test_large_gaps_and_large_tensors():
@@ -76,3 +80,6 @@ def test_malformed_bitmaps_and_raw_indices_are_refused():
         ic.decode(bytes(2), 0, 8, ic.IndexEncoding.BITMAP, "t")
     with pytest.raises(InvalidRequest, match="outside"):
         ic.decode(np.array([3, 100], dtype=np.int32).tobytes(), 2, 100, ic.IndexEncoding.RAW, "t")
+    for unordered in ([7, 3], [3, 3]):  # raw indices, like the others, strictly increase
+        with pytest.raises(InvalidRequest, match="strictly increasing"):
+            ic.decode(np.array(unordered, dtype=np.int32).tobytes(), 2, 100, ic.IndexEncoding.RAW, "t")

@@ -120,10 +120,11 @@ def test_sparse_nnz_beyond_numel_is_refused():
         wire.read_push(messages, LIMITS)
 
 
-def _sparse_push(codec: str, numel: int = 5000) -> list:
+def _sparse_push(codec: str, numel: int = 5000, compact: bool = True) -> list:
+    """A push of one sparse tensor; compact (varint indices at 1 %) unless told otherwise."""
     from gradhub.codecs import codec_from_name as make
 
-    tensor = make(codec, dense_below=0).encode("s", torch.randn(numel, generator=torch.Generator().manual_seed(1)))
+    tensor = make(codec, dense_below=0, compact_indices=compact).encode("s", torch.randn(numel, generator=torch.Generator().manual_seed(1)))
     return list(wire.push_requests(META, [tensor]))
 
 

@@ -220,18 +220,21 @@ class DenseCodec(Codec):
         return float(self.values.error_bound(flat).max()) if flat.numel() else 0.0
 
 
-def _spread_index_bytes(numel: int, k: int) -> int:
-    """Expected index bytes of k indices at random positions among numel (smallest encoding).
+def _spread_index_bytes(numel: int, k: int, compact: bool = False) -> int:
+    """Expected index bytes of k indices at random positions among numel (smallest encoding
+    of those `best_encoding` considers).
 
     Gaps between random positions are geometric with p = k / numel, and a gap takes one
     more varint byte for each power of 128 it reaches: E[bytes] = sum_j P(gap >= 128**j).
     """
     if k == 0:
         return 0
+    raw = k * (4 if numel < 2**31 else 8)
+    if not compact:
+        return raw
     p = k / numel
     per_index = sum((1 - p) ** (128**j - 1) for j in range(1, 10)) + 1.0
     varint = math.ceil(k * per_index)
-    raw = k * (4 if numel < 2**31 else 8)
     return min(varint, raw, (numel + 7) // 8)
 
 
@@ -247,19 +250,23 @@ class Sparsifier(Codec):
     kind: str
     DENSE_BELOW = 4096
 
-    def __init__(self, ratio: float, values: ValueCodec, seed: int = 0, dense_below: int | None = None) -> None:
+    def __init__(
+        self, ratio: float, values: ValueCodec, seed: int = 0, dense_below: int | None = None,
+        compact_indices: bool = False,
+    ) -> None:
         if not 0.0 < ratio <= 1.0:
             raise ConfigurationError(f"{self.kind} ratio must be in (0, 1], got {ratio}")
         self.keep = ratio
         self.values = values
         self.seed = seed
         self.dense_below = self.DENSE_BELOW if dense_below is None else dense_below
+        self.compact_indices = compact_indices
         self.name = f"{self.kind}:{ratio:g}+{values.name}"
         self._generator = torch.Generator().manual_seed(seed)
 
     def with_ratio(self, ratio: float) -> Sparsifier:
         """The same codec keeping another fraction (sparsity warm-up)."""
-        return type(self)(ratio, self.values, self.seed, self.dense_below)
+        return type(self)(ratio, self.values, self.seed, self.dense_below, self.compact_indices)
 
     def k_for(self, numel: int) -> int:
         if numel < self.dense_below:
@@ -277,13 +284,14 @@ class Sparsifier(Codec):
             return EncodedTensor(name, shape, Layout.DENSE, values, scales=scales, scale_block=block)
         indices = self.select(flat, k) if k else torch.empty(0, dtype=torch.int64)
         values, scales, block = self.values.encode(flat[indices].cpu())
-        return sparse(name, shape, indices, values, scales=scales, scale_block=block)
+        return sparse(name, shape, indices, values, scales=scales, scale_block=block,
+                      compact_indices=self.compact_indices)
 
     def payload_bytes(self, numel: int) -> int:
         k = self.k_for(numel)
         if k == numel:
             return self.values.bytes_for(numel)
-        return self.values.bytes_for(k) + _spread_index_bytes(numel, k)
+        return self.values.bytes_for(k) + _spread_index_bytes(numel, k, self.compact_indices)
 
     def error_bound(self, tensor: torch.Tensor) -> float:
         # Anything may be left out by a sparsifier that does not rank (randomk, approximate).
@@ -402,14 +410,17 @@ def codec_names() -> list[str]:
     return ["none", *_VALUE_CODECS, *(f"{s}:RATIO[+VALUES]" for s in _SPARSIFIERS)]
 
 
-def codec_from_name(spec: str, seed: int = 0, dense_below: int | None = None) -> Codec:
+def codec_from_name(
+    spec: str, seed: int = 0, dense_below: int | None = None, compact_indices: bool = False
+) -> Codec:
     """Build a codec from its name, e.g. `fp16`, `topk:0.001`, `randomk:0.01+int8`.
 
     `seed` drives the randomness of approx-topk's samples and randomk's draws; sparsifiers
-    send tensors of fewer than `dense_below` elements whole (default 4096)."""
+    send tensors of fewer than `dense_below` elements whole (default 4096), and code their
+    indices as raw or bitmap, or also as varints if `compact_indices` (see index_coding)."""
     parsed = parse_codec(spec)
     values = _VALUE_CODECS[parsed.values]()
     if parsed.sparsifier is None:
         return DenseCodec(values)
-    return _SPARSIFIERS[parsed.sparsifier](parsed.ratio or 0.0, values, seed, dense_below)
+    return _SPARSIFIERS[parsed.sparsifier](parsed.ratio or 0.0, values, seed, dense_below, compact_indices)
 

@@ -19,6 +19,7 @@ from typing import Any
 from gradhub.codecs import parse_codec
 from gradhub.delays import parse_delay, parse_slowdown
 from gradhub.errors import ConfigurationError
+from gradhub.index_coding import INDEX_CODINGS
 
 MODES = ("sync", "ssp", "async", "async-sa", "dc-asgd")
 #: Modes that apply each push on arrival (staleness is tracked and bounded).
@@ -92,6 +93,9 @@ class RunConfig:
     #: Pulls: none (whole, fp32), fp16 (whole), delta (what changed since the worker's
     #: version, fp32: exact), delta+fp16. A delta is never larger than the whole.
     pull_compression: str = "delta"
+    #: Sparse indices on the wire: fast (raw int32) or compact (the smallest of raw, delta
+    #: varints and a bitmap: fewer bytes, more CPU; for slow links). See index_coding.
+    index_coding: str = "fast"
     #: Async only: a push staler than this many versions is refused.
     max_staleness: int = 16
     #: SSP only: a worker more than this many pushes ahead of the slowest live worker
@@ -136,6 +140,8 @@ class RunConfig:
             problems.append(f"momentum_correction must be auto, on or off, got {self.momentum_correction!r}")
         elif self.momentum_correction == "on" and self.optimizer != "sgd":
             problems.append("momentum correction needs optimizer sgd")
+        if self.index_coding not in INDEX_CODINGS:
+            problems.append(f"index_coding must be one of {INDEX_CODINGS}, got {self.index_coding!r}")
         if self.pull_compression not in PULL_COMPRESSIONS:
             problems.append(f"pull_compression must be one of {PULL_COMPRESSIONS}, got {self.pull_compression!r}")
         if self.clip_norm < 0 or self.sparsity_warmup < 0 or self.dense_below < 0:
@@ -287,6 +293,10 @@ def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pull-compression", choices=PULL_COMPRESSIONS,
                        help="pulls: none (fp32, whole), fp16, delta (only what changed since the worker's "
                             "version; exact), delta+fp16 (default delta)")
+    group.add_argument("--index-coding", choices=INDEX_CODINGS,
+                       help="sparse indices on the wire: fast (raw int32) or compact (smallest of raw, delta "
+                            "varints, bitmap: fewer bytes, more CPU; for links under about 300 Mb/s) "
+                            "(default fast)")
     group.add_argument("--max-staleness", type=int, help="async: refuse pushes staler than this (default 16)")
     group.add_argument("--ssp-bound", type=int, help="ssp: the staleness bound s in pushes (default 3)")
     group.add_argument("--dc-lambda", type=float, help="dc-asgd: lambda_0 of the adaptive compensation (default 2)")
@@ -308,7 +318,7 @@ _RUN_FLAG_FIELDS = (
     "mode", "workers", "steps", "model", "model_kwargs", "dataset", "optimizer", "lr", "lr_schedule",
     "momentum", "weight_decay", "compression", "dense_below", "momentum_correction", "momentum_masking",
     "clip_norm",
-    "sparsity_warmup", "pull_compression", "max_staleness", "ssp_bound", "dc_lambda", "inject_staleness",
+    "sparsity_warmup", "pull_compression", "index_coding", "max_staleness", "ssp_bound", "dc_lambda", "inject_staleness",
     "delay", "slowdown", "backup_workers", "batch_size", "seed",
     "eval_every", "lease_seconds",
 )

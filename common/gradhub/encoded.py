@@ -176,12 +176,14 @@ def sparse(
     encoding: IndexEncoding | None = None,
     scales: torch.Tensor | None = None,
     scale_block: int = 0,
+    compact_indices: bool = False,
 ) -> EncodedTensor:
     """A sparse EncodedTensor; `indices` ascending and unique. The index encoding is the
-    smallest for these indices unless one is given."""
+    smallest for these indices (varints considered only if `compact_indices`) unless one
+    is given."""
     numel = numel_of(shape)
     indices = indices.detach().to(device="cpu", dtype=torch.int64).contiguous()
-    chosen = encoding or best_encoding(indices, numel)
+    chosen = encoding or best_encoding(indices, numel, compact_indices)
     return EncodedTensor(
         name=name,
         shape=shape,

@@ -7,8 +7,16 @@
 - `bitmap`:       one bit per element, numel/8 bytes whatever nnz: the smallest once
                   more than about 1 element in 16 is sent
 
-`best_encoding` picks the smallest for each tensor (its size is computed exactly, in
-O(nnz)). Encoders and decoders are vectorised numpy: no per-element Python. Decoders
+`best_encoding` picks per tensor, by one of two index codings (a run setting):
+
+- `fast` (default): raw. A cast each way, whatever the density.
+- `compact`: the smallest of the three, sizes computed exactly in O(nnz). Varints save
+  about 2.8 of raw's 4 bytes per index at 1 % density, but cost about 25 ns per index to
+  encode and 12 to decode here (numpy, 500 k indices: 13 and 6-9 ms), against about 3 ns
+  for the bytes they save at 1 GB/s; a bitmap costs about 2 ns per *element* to decode,
+  more than its bytes save below about 60 % density. They pay off only on links slower
+  than about 300 Mb/s (`gradhub bench indices` has the costs, `gradhub bench wire` the
+  effect). Encoders and decoders are vectorised numpy: no per-element Python. Decoders
 validate everything (they read bytes from the network): exact lengths, well-formed
 varints, strictly increasing indices inside [0, numel).
 """
@@ -24,6 +32,10 @@ from gradhub.errors import InvalidRequest
 
 #: A varint of an index below 2**35 has at most 5 bytes; indices of larger tensors take 10.
 _VARINT_MAX_BYTES = 10
+
+
+#: Run settings for how sparse indices are coded (see the module docstring).
+INDEX_CODINGS = ("fast", "compact")
 
 
 class IndexEncoding(enum.Enum):
@@ -49,8 +61,11 @@ def encoded_size(indices: torch.Tensor, numel: int, encoding: IndexEncoding) -> 
     return int(_varint_lengths(gaps).sum())
 
 
-def best_encoding(indices: torch.Tensor, numel: int) -> IndexEncoding:
-    """The encoding with the fewest bytes for these indices (ties go to the simpler one)."""
+def best_encoding(indices: torch.Tensor, numel: int, compact: bool = False) -> IndexEncoding:
+    """Raw, or (compact) the encoding with the fewest bytes for these indices (ties go to
+    the simpler one)."""
+    if not compact:
+        return IndexEncoding.RAW
     sizes = {e: encoded_size(indices, numel, e) for e in IndexEncoding}
     return min(IndexEncoding, key=lambda e: (sizes[e], list(IndexEncoding).index(e)))
 
@@ -109,6 +124,8 @@ def decode(
             raise InvalidRequest(
                 f"{what}: indices outside [0, {numel}) (min {indices.min()}, max {indices.max()})"
             )
+        if nnz > 1 and not (indices[1:] > indices[:-1]).all():  # as the other encodings enforce
+            raise InvalidRequest(f"{what}: indices must be strictly increasing")
         return torch.from_numpy(indices)
     if encoding is IndexEncoding.BITMAP:
         if len(raw) != (numel + 7) // 8:

@@ -138,6 +138,7 @@ class ServerApp:
             build_rule(config, list(model.parameters())),
             config.steps,
             schedule_from_name(config.lr_schedule),
+            compact_indices=config.index_coding == "compact",
         )
         self.stats = ServerStats()
         #: Per worker: [seq, version, staleness] of its last applied push, kept under the

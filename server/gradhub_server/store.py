@@ -43,10 +43,15 @@ def build_rule(config: RunConfig, params: Sequence[nn.Parameter]) -> UpdateRule:
 
 
 def _union(parts: list[torch.Tensor] | None) -> torch.Tensor | None:
+    """Sorted unique indices of all parts. One part that is already strictly increasing
+    (a delta of one version of one push, the common pull) is returned as it is: a check
+    costs 0.5 ms where torch.unique's sort of 500 k indices costs 12 ms."""
     if parts is None:
         return None
     if not parts:
         return torch.empty(0, dtype=torch.int64)
+    if len(parts) == 1 and (parts[0].numel() < 2 or bool((parts[0][1:] > parts[0][:-1]).all())):
+        return parts[0]
     return torch.unique(torch.cat(parts))
 
 
@@ -58,8 +63,10 @@ class ParameterStore:
         steps: int,
         schedule: Schedule = constant,
         history: int = 64,
+        compact_indices: bool = False,
     ) -> None:
         self.model = model
+        self.compact_indices = compact_indices
         self.rule = rule
         self.steps = steps
         self._schedule = schedule
@@ -177,7 +184,8 @@ class ParameterStore:
                     tensors.append(dense(name, param.detach().clone(), dtype))
                 else:
                     flat = param.detach().view(-1)
-                    tensors.append(sparse(name, tuple(param.shape), indices, flat[indices].to(dtype)))
+                    tensors.append(sparse(name, tuple(param.shape), indices, flat[indices].to(dtype),
+                                          compact_indices=self.compact_indices))
             snap = ParameterSnapshot(
                 version=self._version, tensors=tuple(tensors), finished=self.finished, delta_from=have_version
             )

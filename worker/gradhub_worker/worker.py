@@ -109,7 +109,8 @@ def feedback_for(config: RunConfig, rank: int) -> ErrorFeedback:
     """Error feedback around the run's codec, with the DGC options the run asks for."""
     on_workers = momentum_on_workers(config)
     return ErrorFeedback(
-        codec_from_name(config.compression, seed=config.seed * 7919 + rank, dense_below=config.dense_below),
+        codec_from_name(config.compression, seed=config.seed * 7919 + rank, dense_below=config.dense_below,
+                        compact_indices=config.index_coding == "compact"),
         FeedbackOptions(
             momentum=config.momentum if on_workers else 0.0,
             weight_decay=config.weight_decay if on_workers else 0.0,
