@@ -104,3 +104,15 @@ def test_a_small_models_step_is_one_unary_call_and_a_big_ones_falls_back_to_a_pu
     assert status["pushes_applied"] == 1
     # A pull is counted only when its bytes were sent: by Step for the CNN, by Pull for `wide`.
     assert status["bytes_pulled"] > 0
+
+
+@pytest.mark.parametrize("runs", [1, 2, 5])
+def test_the_union_of_changed_indices_is_sorted_and_unique_whatever_the_runs(runs):
+    from gradhub_server.store import _union
+
+    generator = torch.Generator().manual_seed(runs)
+    parts = [torch.randperm(10_000, generator=generator)[:3_000].sort().values for _ in range(runs)]
+    parts.append(torch.tensor([5, 5, 2, 9_999]))  # a part in no order, with a repeat
+    for given in (parts[:runs], parts):
+        assert torch.equal(_union(given), torch.unique(torch.cat(given)))
+    assert _union(None) is None and _union([]).numel() == 0

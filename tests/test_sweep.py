@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gradhub.errors import ConfigurationError
-from gradhub_cli.sweep import build_parser, load_grid, parse_policy
+from gradhub_cli.sweep import build_parser, load_grid, parse_policy, recovered_share
 
 CLI = [sys.executable, "-m", "gradhub_cli", "sweep"]
 
@@ -73,3 +73,13 @@ def test_the_grid_is_the_product_of_policies_and_axes_from_flags_and_yaml(tmp_pa
 def test_a_bad_grid_is_refused_before_any_run_starts(argv, message):
     with pytest.raises(ConfigurationError, match=message):
         grid_of(*argv)
+
+
+def test_recovered_share_is_stated_only_where_async_lost_measurably():
+    # async fell from 90 % to 40 %; a policy at 80 % recovered 40 of those 50 points.
+    assert recovered_share(0.90, 0.01, 0.40, 0.80) == pytest.approx(0.8)
+    assert recovered_share(0.90, 0.01, 0.40, 0.30) == pytest.approx(-0.2)  # worse than async
+    # async lost 0.9 points, or less than twice its spread over seeds: no share, not a
+    # huge ratio of two noisy differences (what the report printed before: "-2985 %").
+    assert recovered_share(0.8897, 0.0134, 0.8807, 0.6120) is None
+    assert recovered_share(0.90, 0.03, 0.85, 0.89) is None

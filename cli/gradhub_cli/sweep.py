@@ -371,12 +371,35 @@ def _staleness_table(cells: list[Cell], by_cell: dict[Cell, list[dict[str, Any]]
                     parts.append("–")
                     continue
                 loss = 100 * (reference - mean_at[(policy, t)])
-                async_loss = 100 * (reference - mean_at[("async", t)])
-                recovered = "" if policy == "async" or async_loss <= 0 else \
-                    f", recovers {100 * (async_loss - loss) / async_loss:.0f} %"
+                share = recovered_share(reference, spread_at[("async", taus[0])], mean_at[("async", t)],
+                                        mean_at[(policy, t)])
+                if policy == "async":
+                    recovered = ""
+                elif share is None:
+                    recovered = ", async lost too little to tell"
+                else:
+                    recovered = f", recovers {100 * share:.0f} %"
                 parts.append(f"{loss:+.2f} pts{recovered}")
             lines.append(f"| {policy} | " + " | ".join(parts) + " |")
+        lines += ["", "A share is (async's loss - the policy's loss) / async's loss, shown only where async lost "
+                      f"more than {100 * MIN_MEASURABLE_LOSS:.0f} point and twice its own spread over seeds at "
+                      f"tau = {taus[0]}: below that the ratio of two small, noisy differences says nothing."]
     return lines
+
+
+#: The least loss of plain async (a fraction of accuracy) a recovery share is computed against.
+MIN_MEASURABLE_LOSS = 0.01
+
+
+def recovered_share(reference: float, reference_spread: float, async_mean: float, policy_mean: float) -> float | None:
+    """The share of plain async's accuracy loss (against `reference`, async at the smallest
+    tau) that a policy recovers: 1 is all of it, 0 none, negative a policy worse than async.
+    None where async lost too little (under a point, or under twice the reference's spread
+    over seeds) for the ratio to mean anything."""
+    async_loss = reference - async_mean
+    if async_loss <= max(MIN_MEASURABLE_LOSS, 2 * reference_spread):
+        return None
+    return (async_loss - (reference - policy_mean)) / async_loss
 
 
 def _plots(out: Path, cells: list[Cell], by_cell: dict[Cell, list[dict[str, Any]]],
@@ -384,7 +407,8 @@ def _plots(out: Path, cells: list[Cell], by_cell: dict[Cell, list[dict[str, Any]
     from gradhub.plots import _pyplot
 
     plt = _pyplot()
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # Ten colours repeat past ten cells; tab20 keeps up to twenty apart.
+    colors = list(plt.get_cmap("tab20").colors) if len(cells) > 10 else plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for x_key, x_label, name in (("version", "step (model version)", "accuracy_vs_steps.png"),
                                  ("wall_seconds", "wall time (s)", "accuracy_vs_wall.png")):
         fig, ax = plt.subplots(figsize=(9, 5.5))
@@ -398,16 +422,27 @@ def _plots(out: Path, cells: list[Cell], by_cell: dict[Cell, list[dict[str, Any]
         ax.set_ylabel("test accuracy (%)")
         ax.set_ylim(bottom=max(0.0, ax.get_ylim()[0]))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.set_title("test accuracy, every seed of every cell")
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, cell in enumerate(cells):
-        runs = by_cell[cell]
-        ax.scatter([r["staleness_mean"] for r in runs], [100 * r["final_test_accuracy"] for r in runs],
-                   color=colors[i % len(colors)], label=cell.label)
+    # One colour per policy: every run a dot, the policy's mean per cell joined by a line
+    # (in staleness order), so a policy's fall with staleness reads as one curve.
+    fig, ax = plt.subplots(figsize=(9, 5))
+    policies = list(dict.fromkeys(cell.policy for cell in cells))
+    policy_colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, policy in enumerate(policies):
+        color = policy_colors[i % len(policy_colors)]
+        means = []
+        for cell in (c for c in cells if c.policy == policy):
+            runs = by_cell[cell]
+            ax.scatter([r["staleness_mean"] for r in runs], [100 * r["final_test_accuracy"] for r in runs],
+                       color=color, alpha=0.45, s=18)
+            means.append((statistics.fmean(r["staleness_mean"] for r in runs),
+                          statistics.fmean(100 * r["final_test_accuracy"] for r in runs)))
+        means.sort()
+        ax.plot([m[0] for m in means], [m[1] for m in means], color=color, marker="o", label=f"{policy} (mean)")
     ax.set_xlabel("mean staleness of applied pushes (versions)")
     ax.set_ylabel("final test accuracy (%)")
     ax.grid(alpha=0.3)

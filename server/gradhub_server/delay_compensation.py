@@ -69,7 +69,7 @@ class WorkerMirrors:
                 if not mirror.owned[i]:
                     mirror.tensors[i] = mirror.tensors[i].clone()
                     mirror.owned[i] = True
-                mirror.tensors[i].view(-1)[tensor.indices.to(torch.int64)] = tensor.float_values()
+                mirror.tensors[i].view(-1).index_copy_(0, tensor.indices.to(torch.int64), tensor.float_values())
             mirror.version = snapshot.version
 
     def holding(self, worker_id: str, version: int) -> list[torch.Tensor] | None:
@@ -115,7 +115,8 @@ class DelayCompensation:
                     out.append(g)
                     continue
                 lam = self._lambda0 / torch.sqrt(flat_ms[g.indices] + EPSILON)
-                drift = now[position].reshape(-1)[g.indices] - base[position].reshape(-1)[g.indices]
+                drift = (now[position].reshape(-1).index_select(0, g.indices)
+                         - base[position].reshape(-1).index_select(0, g.indices))
                 out.append(SparseGradient(g.indices, g.values + lam * square * drift))
                 continue
             square = g * g

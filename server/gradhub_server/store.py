@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -43,16 +44,25 @@ def build_rule(config: RunConfig, params: Sequence[nn.Parameter]) -> UpdateRule:
 
 
 def _union(parts: list[torch.Tensor] | None) -> torch.Tensor | None:
-    """Sorted unique indices of all parts. One part that is already strictly increasing
-    (a delta of one version of one push, the common pull) is returned as it is: a check
-    costs 0.5 ms where torch.unique's sort of 500 k indices costs 12 ms."""
+    """Sorted unique indices of all parts.
+
+    The parts are runs of ascending indices (every push's indices strictly increase, and a
+    sync step's are its pushes' concatenated), which numpy's stable sort (timsort) merges
+    in about O(n log runs): 6 ms for two runs of 500 k, where torch.unique's full sort
+    takes 34. One strictly increasing part (one version of one push, the common pull) is
+    returned as it is, after a 0.5 ms check."""
     if parts is None:
         return None
     if not parts:
         return torch.empty(0, dtype=torch.int64)
     if len(parts) == 1 and (parts[0].numel() < 2 or bool((parts[0][1:] > parts[0][:-1]).all())):
         return parts[0]
-    return torch.unique(torch.cat(parts))
+    merged = np.concatenate([part.numpy() for part in parts]).astype(np.int64, copy=False)
+    merged.sort(kind="stable")
+    keep = np.empty(len(merged), dtype=bool)
+    keep[:1] = True
+    np.not_equal(merged[1:], merged[:-1], out=keep[1:])
+    return torch.from_numpy(merged[keep])
 
 
 class ParameterStore:
@@ -183,8 +193,9 @@ class ParameterStore:
                 if send_whole or indices is None:
                     tensors.append(dense(name, param.detach().clone(), dtype))
                 else:
-                    flat = param.detach().view(-1)
-                    tensors.append(sparse(name, tuple(param.shape), indices, flat[indices].to(dtype),
+                    # index_select, not flat[indices]: 6 against 17 ms for 500 k of 50 M here.
+                    values = param.detach().view(-1).index_select(0, indices).to(dtype)
+                    tensors.append(sparse(name, tuple(param.shape), indices, values,
                                           compact_indices=self.compact_indices))
             snap = ParameterSnapshot(
                 version=self._version, tensors=tuple(tensors), finished=self.finished, delta_from=have_version
