@@ -416,8 +416,9 @@ def codec_from_name(
     """Build a codec from its name, e.g. `fp16`, `topk:0.001`, `randomk:0.01+int8`.
 
     `seed` drives the randomness of approx-topk's samples and randomk's draws; sparsifiers
-    send tensors of fewer than `dense_below` elements whole (default 4096), and code their
-    indices as raw or bitmap, or also as varints if `compact_indices` (see index_coding)."""
+    send tensors of fewer than `dense_below` elements whole (default 4096), and send their
+    indices raw, or in the smallest of raw, varints and a bitmap if `compact_indices`
+    (see index_coding)."""
     parsed = parse_codec(spec)
     values = _VALUE_CODECS[parsed.values]()
     if parsed.sparsifier is None:

@@ -202,6 +202,11 @@ def pull_delta_of(config: RunConfig) -> bool:
     return config.pull_compression.startswith("delta")
 
 
+def compact_indices_of(config: RunConfig) -> bool:
+    """Whether sparse indices take the smallest encoding (varints, bitmaps) or travel raw."""
+    return config.index_coding == "compact"
+
+
 def momentum_on_workers(config: RunConfig) -> bool:
     """Whether DGC momentum correction is on: workers keep momentum and weight decay."""
     if config.momentum_correction == "auto":

@@ -24,7 +24,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gradhub import wire
-from gradhub.config import RunConfig
+from gradhub.config import RunConfig, compact_indices_of
 from gradhub.coordination import RunCoordinator
 from gradhub.data import load_dataset
 from gradhub.errors import ConfigurationError, CoordinationError
@@ -138,7 +138,7 @@ class ServerApp:
             build_rule(config, list(model.parameters())),
             config.steps,
             schedule_from_name(config.lr_schedule),
-            compact_indices=config.index_coding == "compact",
+            compact_indices=compact_indices_of(config),
         )
         self.stats = ServerStats()
         #: Per worker: [seq, version, staleness] of its last applied push, kept under the

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from gradhub import wire
 from gradhub.codecs import codec_from_name
-from gradhub.config import RunConfig, momentum_on_workers, pull_delta_of, pull_dtype_of
+from gradhub.config import RunConfig, compact_indices_of, momentum_on_workers, pull_delta_of, pull_dtype_of
 from gradhub.coordination import Lease, RunCoordinator
 from gradhub.data import load_dataset, shard_indices
 from gradhub.delays import StepDelay
@@ -110,7 +110,7 @@ def feedback_for(config: RunConfig, rank: int) -> ErrorFeedback:
     on_workers = momentum_on_workers(config)
     return ErrorFeedback(
         codec_from_name(config.compression, seed=config.seed * 7919 + rank, dense_below=config.dense_below,
-                        compact_indices=config.index_coding == "compact"),
+                        compact_indices=compact_indices_of(config)),
         FeedbackOptions(
             momentum=config.momentum if on_workers else 0.0,
             weight_decay=config.weight_decay if on_workers else 0.0,
