@@ -9,6 +9,7 @@ import torch
 
 from gradhub.codecs import codec_from_name
 from gradhub.config import RunConfig, momentum_on_workers
+from gradhub.errors import NonFiniteGradient
 from gradhub_worker.error_feedback import WARMUP_START, ErrorFeedback, FeedbackOptions
 
 pytestmark = pytest.mark.timeout(30)
@@ -73,3 +74,48 @@ def test_momentum_correction_is_on_by_default_for_sparsifying_codecs_only():
     assert not momentum_on_workers(RunConfig(run_id="r", compression="topk:0.01", optimizer="adam"))
     assert not momentum_on_workers(RunConfig(run_id="r", compression="topk:0.01", momentum_correction="off"))
     assert momentum_on_workers(RunConfig(run_id="r", compression="fp16", momentum_correction="on"))
+
+
+class _PerTensor(ErrorFeedback):
+    """The tensor-by-tensor path, as it ran before whole-model encoding existed."""
+
+    def _encode_model(self, codec, gradients):  # type: ignore[no-untyped-def]
+        self.options = FeedbackOptions(clip_norm=float("inf"))  # any clip_norm takes that path
+        try:
+            return self.encode(gradients)
+        finally:
+            self.options = FeedbackOptions()
+
+
+@pytest.mark.parametrize("codec", ["fp16", "bf16", "none"])
+def test_whole_model_encoding_sends_and_keeps_exactly_what_tensor_by_tensor_encoding_does(codec):
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"conv.weight": (5, 1, 3), "conv.bias": (5,), "fc.weight": (4, 10), "fc.bias": (4,)}
+    whole, per_tensor = ErrorFeedback(codec_from_name(codec)), _PerTensor(codec_from_name(codec))
+    for step in range(6):
+        gradients = [(name, torch.randn(shape, generator=generator) * 10 ** (step - 3)) for name, shape in shapes.items()]
+        sent = whole.encode(gradients)
+        expected = per_tensor.encode(gradients)
+        assert [t.name for t in sent] == list(shapes)
+        for a, b in zip(sent, expected):
+            assert a.values.dtype == b.values.dtype and torch.equal(a.values, b.values) and a.shape == b.shape
+        for name in shapes:
+            mine, theirs = whole.residual(name), per_tensor.residual(name)
+            assert (mine is None) == (theirs is None or not theirs.any())
+            if mine is not None:
+                assert torch.equal(mine, theirs)
+        if step == 2:  # the server refused this push: both get it back
+            whole.restore(sent)
+            per_tensor.restore(expected)
+        if step == 4:
+            whole.reset()
+            per_tensor.reset()
+
+
+def test_whole_model_encoding_names_the_tensor_holding_nan_and_keeps_the_residual():
+    feedback = ErrorFeedback(codec_from_name("fp16"))
+    feedback.encode([("a", torch.full((3,), 1e-8)), ("b", torch.ones(2))])
+    kept = feedback.residual("a").clone()
+    with pytest.raises(NonFiniteGradient, match="'b'"):
+        feedback.encode([("a", torch.ones(3)), ("b", torch.tensor([1.0, float("nan")]))])
+    assert torch.equal(feedback.residual("a"), kept)

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from gradhub.encoded import EncodedTensor, Layout, all_finite, sparse
+from gradhub.encoded import EncodedTensor, Layout, all_finite, dense_views, sparse
 from gradhub.errors import ConfigurationError, NonFiniteGradient
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -43,6 +44,8 @@ INT8_BLOCK = 256
 class ValueCodec(ABC):
     name: str
     lossless: bool = False
+    #: Values come with per-block scales, whose blocks start at each tensor's start.
+    scaled: bool = False
 
     @abstractmethod
     def encode(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
@@ -119,6 +122,7 @@ class Int8Values(ValueCodec):
     """Blockwise absmax: each block of 256 values shares a float32 scale absmax/127."""
 
     name = "int8"
+    scaled = True
 
     def __init__(self, block: int = INT8_BLOCK) -> None:
         self.block = block
@@ -211,6 +215,30 @@ class DenseCodec(Codec):
     def _encode(self, name: str, shape: tuple[int, ...], flat: torch.Tensor) -> EncodedTensor:
         values, scales, block = self.values.encode(flat.cpu())
         return EncodedTensor(name, shape, Layout.DENSE, values, scales=scales, scale_block=block)
+
+    @property
+    def encodes_whole_models(self) -> bool:
+        """`encode_model` applies: the values need no per-tensor scales."""
+        return not self.values.scaled
+
+    def encode_model(
+        self, name_shapes: Sequence[tuple[str, tuple[int, ...]]], flat: torch.Tensor
+    ) -> tuple[EncodedTensor, ...]:
+        """Encode every tensor of a model from their float32 values back to back in `flat`:
+        what `encode` gives tensor by tensor, in one call per operation rather than one per
+        tensor (and one device-to-host copy). The tensors' values are views of one buffer.
+
+        Raises NonFiniteGradient for NaN or Inf, naming the first tensor that holds one.
+        """
+        if not self.encodes_whole_models:
+            raise ConfigurationError(f"codec {self.name} scales values per tensor: encode them one by one")
+        if not all_finite(flat):
+            sizes = [math.prod(shape) for _, shape in name_shapes]
+            culprit = next((name for (name, _), part in zip(name_shapes, flat.split(sizes))
+                            if not all_finite(part)), "?")
+            raise NonFiniteGradient(f"gradient for {culprit!r} holds NaN or Inf: not encoded")
+        values, _, _ = self.values.encode(flat.cpu())
+        return dense_views(name_shapes, values)
 
     def payload_bytes(self, numel: int) -> int:
         return self.values.bytes_for(numel)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -156,10 +157,51 @@ def all_finite(tensor: torch.Tensor) -> bool:
     """
     if tensor.numel() == 0:
         return True
-    accumulate = torch.float32 if tensor.element_size() < 4 else tensor.dtype
-    if math.isfinite(float(tensor.sum(dtype=accumulate))):
+    # In the tensor's own type: sum(dtype=float32) of fp16 converts the whole tensor first
+    # (17.6 against 0.7 ms for 10 M here). A 2-byte sum that overflows is not finite, and
+    # only sends this to the exact test below: a finite sum is proof either way.
+    if math.isfinite(float(tensor.sum())):
         return True
     return bool(torch.isfinite(tensor).all())
+
+
+def flat_values(tensors: Sequence[EncodedTensor]) -> torch.Tensor | None:
+    """All the tensors' values as one 1-D tensor, without copying, when they are dense, of
+    one float type, and lie back to back in one buffer (as the wire decodes a dense push
+    or pull, and as a snapshot or a dense encode builds them); otherwise None.
+
+    For a small model, per-tensor work is mostly per-call overhead (the default CNN has 8
+    parameters): one finiteness check, one conversion and one copy over the whole model
+    cost about what one of them costs per tensor.
+    """
+    if not tensors:
+        return None
+    first = tensors[0].values
+    if first.dtype not in FLOAT_DTYPES:
+        return None
+    storage = first.untyped_storage().data_ptr()
+    end = first.data_ptr()
+    total = 0
+    for tensor in tensors:
+        values = tensor.values
+        if (tensor.layout is not Layout.DENSE or values.dtype != first.dtype or values.data_ptr() != end
+                or values.untyped_storage().data_ptr() != storage or values.device != first.device):
+            return None
+        end += values.numel() * values.element_size()
+        total += values.numel()
+    return first.as_strided((total,), (1,))
+
+
+def dense_views(name_shapes: Sequence[tuple[str, tuple[int, ...]]], flat: torch.Tensor) -> tuple[EncodedTensor, ...]:
+    """Dense EncodedTensors of consecutive slices of one flat tensor, in order: views, so
+    `flat_values` gives `flat` back."""
+    sizes = [numel_of(shape) for _, shape in name_shapes]
+    if sum(sizes) != flat.numel():
+        raise InvalidRequest(f"{flat.numel()} values for tensors of {sum(sizes)} elements")
+    return tuple(
+        EncodedTensor(name=name, shape=shape, layout=Layout.DENSE, values=part)
+        for (name, shape), part in zip(name_shapes, flat.split(sizes))
+    )
 
 
 def dense(name: str, tensor: torch.Tensor, dtype: torch.dtype = torch.float32) -> EncodedTensor:

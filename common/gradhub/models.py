@@ -141,3 +141,22 @@ def build_model(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def flatten_parameters(model: nn.Module) -> torch.Tensor:
+    """Move the model's parameters into one flat tensor, in `parameters()` order, and make
+    each a view of it; returns the flat tensor.
+
+    A whole set of parameters then loads with one copy (`flat.copy_`), where a small model
+    spent its time in one call per tensor. Call it after moving the model to its device.
+    """
+    params = list(model.parameters())
+    if not params:
+        return torch.empty(0)
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            p.data = flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+    return flat

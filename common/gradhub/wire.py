@@ -25,6 +25,7 @@ from gradhub.encoded import (
     VALUE_DTYPES,
     EncodedTensor,
     Layout,
+    dense_views,
     numel_of,
 )
 from gradhub.errors import InvalidRequest, PayloadTooLarge
@@ -101,7 +102,23 @@ def dtype_from_proto(value: int, what: str) -> torch.dtype:
 # --- writing --------------------------------------------------------------------------------
 
 
+#: Dense tensors' specs, by what they hold: the same model sends the same ones every step.
+_DENSE_SPECS: dict[tuple[str, tuple[int, ...], torch.dtype, int], pb.TensorSpec] = {}
+
+
 def spec_to_proto(tensor: EncodedTensor) -> pb.TensorSpec:
+    if tensor.layout is Layout.DENSE and tensor.scales is None:
+        key = (tensor.name, tensor.shape, tensor.values.dtype, tensor.byte_length)
+        cached = _DENSE_SPECS.get(key)
+        if cached is None:
+            if len(_DENSE_SPECS) >= _DECLARED_MAX:
+                _DENSE_SPECS.clear()
+            cached = _DENSE_SPECS[key] = _new_spec(tensor)
+        return cached
+    return _new_spec(tensor)
+
+
+def _new_spec(tensor: EncodedTensor) -> pb.TensorSpec:
     spec = pb.TensorSpec(
         name=tensor.name,
         shape=list(tensor.shape),
@@ -407,6 +424,23 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
+#: Specs already validated, by their serialized bytes: a model's specs repeat on every push
+#: and pull, and serializing one costs a tenth of checking it field by field.
+_DECLARED: dict[bytes, _Declared] = {}
+_DECLARED_MAX = 4096
+
+
+def _declared(spec: pb.TensorSpec, position: int) -> _Declared:
+    key = spec.SerializeToString()
+    declared = _DECLARED.get(key)
+    if declared is None:
+        declared = _read_spec(spec, position)  # raises for a bad spec: never cached
+        if len(_DECLARED) >= _DECLARED_MAX:
+            _DECLARED.clear()
+        _DECLARED[key] = declared
+    return declared
+
+
 def _read_spec(spec: pb.TensorSpec, position: int) -> _Declared:
     what = f"tensor {position} ({spec.name!r})"
     if len(spec.shape) > _MAX_DIMS or any(d < 0 for d in spec.shape):
@@ -469,7 +503,7 @@ def _read_specs(
             f"payload of {payload_bytes} bytes declared, this server accepts at most "
             f"{limits.max_payload_bytes}"
         )
-    layouts = [_read_spec(spec, i) for i, spec in enumerate(specs)]
+    layouts = [_declared(spec, i) for i, spec in enumerate(specs)]
     declared = sum(layout.byte_length for layout in layouts)
     if declared != payload_bytes:
         raise InvalidRequest(
@@ -520,6 +554,12 @@ class _Assembler:
 
 
 def _decode(buffer: numpy.ndarray, declared: Sequence[_Declared]) -> tuple[EncodedTensor, ...]:
+    if declared and all(d.layout is Layout.DENSE and d.dtype == declared[0].dtype and d.dtype in FLOAT_DTYPES
+                        for d in declared):
+        # Every tensor dense in one float type: the payload is their values back to back,
+        # decoded as views of one tensor so that `flat_values` finds the whole model.
+        flat = torch.frombuffer(buffer, dtype=declared[0].dtype) if len(buffer) else torch.empty(0)
+        return dense_views([(d.name, d.shape) for d in declared], flat.to(declared[0].dtype))
     tensors: list[EncodedTensor] = []
     offset = 0
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from gradhub.config import RunConfig
 from gradhub.domain import ParameterSnapshot, Push, PushResult
-from gradhub.encoded import EncodedTensor, Layout
+from gradhub.encoded import EncodedTensor, Layout, flat_values
 from gradhub.errors import (
     FuturePush,
     GradhubError,
@@ -47,6 +48,16 @@ def to_gradient(tensor: EncodedTensor) -> Gradient:
     if tensor.layout is Layout.SPARSE and tensor.indices is not None:
         return SparseGradient(tensor.indices.to(torch.int64), tensor.float_values())
     return tensor.to_dense()
+
+
+def to_gradients(tensors: Sequence[EncodedTensor], flat: torch.Tensor | None) -> tuple[list[Gradient], torch.Tensor | None]:
+    """The push's gradient, and with `flat` (its values as one tensor, `flat_values`) the
+    same gradient as one fp32 tensor of which the per-parameter ones are views."""
+    if flat is None:
+        return [to_gradient(t) for t in tensors], None
+    flat32 = flat.to(torch.float32)
+    parts = flat32.split([t.numel for t in tensors])
+    return [part.view(t.shape) for part, t in zip(parts, tensors)], flat32
 
 
 class ParameterServerCore:
@@ -87,7 +98,8 @@ class ParameterServerCore:
                 f"worker {meta.worker_id!r} holds no lease in run {self.config.run_id}: "
                 "register (or re-register after a lease loss) first"
             )
-        self.store.validate(push.tensors)
+        flat = flat_values(push.tensors)
+        self.store.validate(push.tensors, flat)
         if meta.base_version > self.store.version:  # versions only grow: safe to check early
             raise FuturePush(
                 f"push computed on version {meta.base_version}, but the server is at "
@@ -97,8 +109,10 @@ class ParameterServerCore:
         if not first:  # another copy of this push got here first
             return self.receipts.replay(receipt, wait)
         try:
-            gradient = [to_gradient(t) for t in push.tensors]
-            result = self.policy.submit(Submission(push=push, gradient=gradient, rank=rank), wait)
+            gradient, flat_gradient = to_gradients(push.tensors, flat)
+            result = self.policy.submit(
+                Submission(push=push, gradient=gradient, rank=rank, flat=flat_gradient), wait
+            )
         except GradhubError as exc:
             self.receipts.settle(receipt, error=exc)
             raise

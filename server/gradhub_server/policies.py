@@ -34,6 +34,7 @@ before `submit`: a policy only decides about well-formed gradients.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -66,15 +67,28 @@ class Submission:
     push: Push
     gradient: Sequence[Gradient]
     rank: int
+    #: The gradient as one fp32 tensor when it is dense (`gradient` are views of it).
+    flat: torch.Tensor | None = None
 
 
-def mean_gradient(gradients: Sequence[Sequence[Gradient]], shapes: Sequence[torch.Size]) -> list[Gradient]:
+def mean_gradient(
+    gradients: Sequence[Sequence[Gradient]], shapes: Sequence[torch.Size],
+    flats: Sequence[torch.Tensor | None] = (),
+) -> list[Gradient]:
     """The mean of W workers' gradients, parameter by parameter, summed in the given order.
 
     Sparse stays sparse (the indices of all workers, values divided by W: O(W k)); a
-    parameter with any dense gradient is summed densely and divided by W.
+    parameter with any dense gradient is summed densely and divided by W. When every
+    gradient is dense and `flats` holds each as one tensor, they are summed whole: the
+    same sums in the same order, in W calls rather than W per parameter.
     """
     count = len(gradients)
+    if count > 1 and len(flats) == count and all(flat is not None for flat in flats):
+        total = flats[0] + flats[1]  # type: ignore[operator]
+        for flat in flats[2:]:
+            total.add_(flat)  # type: ignore[arg-type]
+        total.div_(count)
+        return [part.view(shape) for part, shape in zip(total.split([math.prod(s) for s in shapes]), shapes)]
     mean: list[Gradient] = []
     for position, shape in enumerate(shapes):
         parts = [g[position] for g in gradients]
@@ -200,7 +214,7 @@ class SyncPolicy(UpdatePolicy):
             return
         entries = sorted(self._pending.values(), key=lambda s: (s.rank, s.push.meta.worker_id))
         self.store.apply(
-            mean_gradient([e.gradient for e in entries], self.store.shapes),
+            mean_gradient([e.gradient for e in entries], self.store.shapes, [e.flat for e in entries]),
             pushes=[AppliedPush.of(e.push, staleness=0, rank=e.rank) for e in entries],
         )
         self._pending.clear()

@@ -137,8 +137,11 @@ class AdamRule(UpdateRule):
 def build_update_rule(
     optimizer_name: str, params: Sequence[nn.Parameter], lr: float, momentum: float, weight_decay: float
 ) -> UpdateRule:
+    # foreach: one call over all parameters rather than a Python loop of them (torch's
+    # default on CUDA only); the same arithmetic per element.
     if optimizer_name == "sgd":
-        return SGDRule(params, torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay))
+        return SGDRule(params, torch.optim.SGD(
+            params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True))
     if optimizer_name == "adam":
-        return AdamRule(params, torch.optim.Adam(params, lr=lr, weight_decay=weight_decay))
+        return AdamRule(params, torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True))
     raise ConfigurationError(f"unknown optimizer {optimizer_name!r}")

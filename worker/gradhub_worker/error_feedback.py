@@ -27,11 +27,16 @@ from dataclasses import dataclass
 
 import torch
 
-from gradhub.codecs import Codec, Sparsifier
-from gradhub.encoded import EncodedTensor, Layout
+from gradhub.codecs import Codec, DenseCodec, Sparsifier
+from gradhub.encoded import EncodedTensor, Layout, flat_values
 
 #: Sparsity warm-up starts by keeping this fraction.
 WARMUP_START = 0.25
+#: Largest model (elements) encoded whole by a dense codec. The whole-model path saves the
+#: per-tensor calls (fp16: 208 against 78 us for the 5,210-parameter CNN, 1.9 against 1.1 ms
+#: at 1 M) but copies the gradient once more, which costs more from a few million on
+#: (11 against 19 ms at 4.2 M).
+WHOLE_MODEL_MAX = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,11 @@ class ErrorFeedback:
         self.options = options or FeedbackOptions()
         self._residuals: dict[str, torch.Tensor] = {}
         self._momenta: dict[str, torch.Tensor] = {}
+        #: A dense codec's residuals as one tensor (of these names and shapes), kept apart
+        #: from _residuals: per-tensor views each step would cost what the flat path saves.
+        self._flat_residual: torch.Tensor | None = None
+        self._flat_names: tuple[str, ...] = ()
+        self._flat_shapes: list[tuple[int, ...]] = []
 
     def codec_at(self, version: int) -> Codec:
         """The codec for a gradient computed on `version` (sparsity warm-up)."""
@@ -71,12 +81,16 @@ class ErrorFeedback:
     ) -> list[EncodedTensor]:
         """Encode one step's gradients (with the parameters they came from, for weight decay)."""
         options = self.options
+        codec = self.codec_at(version)
+        if (isinstance(codec, DenseCodec) and codec.encodes_whole_models and not options.momentum
+                and not options.clip_norm and sum(g.numel() for _, g in gradients) <= WHOLE_MODEL_MAX):
+            return self._encode_model(codec, gradients)
+        self._spill()
         grads = [g.detach().to(torch.float32) for _, g in gradients]
         if options.clip_norm > 0:
             norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
             if norm > options.clip_norm:
                 grads = [g * (options.clip_norm / norm) for g in grads]
-        codec = self.codec_at(version)
         if codec.lossless and not self._residuals and not options.momentum:
             return [codec.encode(name, g) for (name, _), g in zip(gradients, grads)]
         encoded = []
@@ -98,6 +112,46 @@ class ErrorFeedback:
             encoded.append(sent)
         return encoded
 
+    def _encode_model(self, codec: DenseCodec, gradients: Sequence[tuple[str, torch.Tensor]]) -> list[EncodedTensor]:
+        """A dense codec over the whole model at once: the same arithmetic as tensor by
+        tensor (contribution + residual, encode, keep the remainder), on one flat tensor,
+        whose residual stays one flat tensor until something asks for it by name."""
+        names = tuple(name for name, _ in gradients)
+        shapes = [tuple(g.shape) for _, g in gradients]
+        # One copy of the whole gradient, ours: the residual is added and taken in place.
+        accumulated = torch.cat([g.detach().reshape(-1) for _, g in gradients]).to(torch.float32)
+        if self._flat_residual is not None and self._flat_names == names:
+            accumulated.add_(self._flat_residual)
+        else:
+            self._spill()
+            if self._residuals:
+                for name, part in zip(names, accumulated.split([math.prod(shape) for shape in shapes])):
+                    residual = self._residuals.get(name)
+                    if residual is not None:
+                        part.add_(residual.reshape(-1).to(part.device))
+        sent = codec.encode_model(list(zip(names, shapes)), accumulated)
+        for name in names:
+            self._residuals.pop(name, None)
+        if codec.lossless:  # nothing dropped, nothing kept (a restored push was just sent)
+            self._flat_residual = None
+        else:
+            whole = flat_values(sent)
+            values = whole if whole is not None else torch.cat([t.values for t in sent])
+            self._flat_residual = accumulated.sub_(values.to(device=accumulated.device, dtype=torch.float32))
+            self._flat_names, self._flat_shapes = names, shapes
+        return list(sent)
+
+    def _flat_views(self) -> dict[str, torch.Tensor]:
+        if self._flat_residual is None:
+            return {}
+        parts = self._flat_residual.split([math.prod(shape) for shape in self._flat_shapes])
+        return {name: part.view(shape) for name, part, shape in zip(self._flat_names, parts, self._flat_shapes)}
+
+    def _spill(self) -> None:
+        """Residuals by name again: the flat residual becomes per-tensor views of it."""
+        self._residuals.update(self._flat_views())
+        self._flat_residual = None
+
     @staticmethod
     def _remainder(accumulated: torch.Tensor, sent: EncodedTensor) -> torch.Tensor:
         if sent.layout is Layout.SPARSE and sent.indices is not None:
@@ -109,6 +163,7 @@ class ErrorFeedback:
 
     def restore(self, sent: Sequence[EncodedTensor]) -> None:
         """Return a refused push to the residuals."""
+        self._spill()
         for tensor in sent:
             residual = self._residuals.get(tensor.name)
             dense = tensor.to_dense()
@@ -120,9 +175,12 @@ class ErrorFeedback:
     def reset(self) -> None:
         """Forget residuals and momenta (after a gradient the server refused as non-finite)."""
         self._residuals.clear()
+        self._flat_residual = None
         self._momenta.clear()
 
     def residual(self, name: str) -> torch.Tensor | None:
+        if self._flat_residual is not None and name in self._flat_names:
+            return self._flat_views()[name]
         return self._residuals.get(name)
 
     def momentum(self, name: str) -> torch.Tensor | None:

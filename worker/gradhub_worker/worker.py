@@ -28,7 +28,7 @@ from gradhub.coordination import Lease, RunCoordinator
 from gradhub.data import load_dataset, shard_indices
 from gradhub.delays import StepDelay
 from gradhub.domain import ParameterSnapshot, PushMeta, PushResult
-from gradhub.encoded import WIRE_DTYPES, EncodedTensor
+from gradhub.encoded import WIRE_DTYPES, EncodedTensor, flat_values
 from gradhub.errors import (
     CoordinationError,
     DuplicatePush,
@@ -43,7 +43,7 @@ from gradhub.errors import (
     UnknownWorker,
     VersionNotReached,
 )
-from gradhub.models import build_model, count_parameters
+from gradhub.models import build_model, count_parameters, flatten_parameters
 from gradhub.retry import Backoff, Deadline, wait_for
 from gradhub.tls import ClientTls
 from gradhub_worker.ack_log import AckLog
@@ -202,6 +202,8 @@ class Worker:
         self._client: ParameterClient | None = None
         #: The version of the parameters the local model holds (None before the first pull).
         self._held: int | None = None
+        #: The model's parameters as one tensor, of which they are views (set by `run`).
+        self._flat_parameters = torch.empty(0)
         self._acks = AckLog(settings.ack_log) if settings.ack_log is not None else None
 
     def run(self) -> int:
@@ -210,6 +212,7 @@ class Worker:
         device = pick_device(s.device)
         torch.manual_seed(config.seed)
         model = build_model(config.model, config.model_kwargs).to(device)
+        self._flat_parameters = flatten_parameters(model)
         lease = self.coordinator.register(
             s.worker_id, config.workers, config.lease_seconds, s.join_timeout, s.rank
         )
@@ -329,13 +332,25 @@ class Worker:
             raise InvalidRequest(
                 f"server sent a delta from version {snapshot.delta_from}, this worker holds {self._held}"
             )
+        if len(snapshot.tensors) != len(named):
+            raise InvalidRequest(
+                f"server sent {len(snapshot.tensors)} tensors for a model of {len(named)}: "
+                "server and worker run different models"
+            )
+        for (name, param), tensor in zip(named, snapshot.tensors):
+            if tensor.name != name or tensor.shape != tuple(param.shape):
+                raise InvalidRequest(
+                    f"server sent {tensor.name!r} {list(tensor.shape)} for {name!r} "
+                    f"{list(param.shape)}: server and worker run different models"
+                )
+        whole = flat_values(snapshot.tensors)
         with torch.no_grad():
-            for (name, param), tensor in zip(named, snapshot.tensors):
-                if tensor.name != name or tensor.shape != tuple(param.shape):
-                    raise InvalidRequest(
-                        f"server sent {tensor.name!r} {list(tensor.shape)} for {name!r} "
-                        f"{list(param.shape)}: server and worker run different models"
-                    )
+            if whole is not None and self._flat_parameters.numel() == whole.numel():
+                # Every tensor whole, back to back: one copy (and conversion) for the model.
+                self._flat_parameters.copy_(whole, non_blocking=True)
+                self._held = snapshot.version
+                return
+            for (_, param), tensor in zip(named, snapshot.tensors):
                 values = tensor.float_values().to(param.device, non_blocking=True)
                 if tensor.indices is None:
                     param.copy_(values.view(tensor.shape))
