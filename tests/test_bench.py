@@ -74,10 +74,13 @@ def test_wire_suite_measures_a_real_cluster_beside_raw_tcp_and_gloo(tmp_path: Pa
     assert dense["push_pull_speedup_vs_dense"] == 1.0
 
 
-def test_overhead_suite_times_a_local_step_and_a_real_clusters_step(tmp_path: Path):
-    bench("overhead", "--steps", "400", "--repeats", "50", "--out", str(tmp_path))
-    (row,) = rows(tmp_path, "overhead")
-    assert row["model"] == "cnn" and row["workers"] == 2
-    assert 0 < row["local_step_ms"] < row["cluster_step_ms"]
-    assert row["overhead_ms"] == pytest.approx(row["cluster_step_ms"] - row["local_step_ms"])
-    assert (tmp_path / "runs" / "overhead-cnn-2w" / "summary.json").exists()
+def test_overhead_suite_times_a_local_step_and_a_real_clusters_step_per_run(tmp_path: Path):
+    bench("overhead", "--steps", "400", "--repeats", "50", "--runs", "2", "--out", str(tmp_path))
+    runs = rows(tmp_path, "overhead")
+    assert [row["run"] for row in runs] == [1, 2]
+    for row in runs:
+        assert row["model"] == "cnn" and row["workers"] == 2
+        assert 0 < row["local_step_ms"] < row["cluster_step_ms"]
+        assert row["overhead_ms"] == pytest.approx(row["cluster_step_ms"] - row["local_step_ms"])
+        assert (tmp_path / "runs" / f"overhead-cnn-2w-{row['run']}" / "summary.json").exists()
+    assert "| median |" in (tmp_path / "overhead.md").read_text()

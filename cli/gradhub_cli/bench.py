@@ -192,24 +192,33 @@ def bench_wire(args: argparse.Namespace) -> None:
 
 
 def bench_overhead(args: argparse.Namespace) -> None:
+    """Each run: a local step, then a real cluster; the machine's speed drifts between runs
+    (by a third within an hour here), so each overhead is against its own local step."""
     from gradhub_cli.bench_wire import cluster_step_ms, local_step_ms
 
-    local = local_step_ms(args.model, args.batch_size, args.repeats)
-    run_dir = args.out / "runs" / f"overhead-{args.model}-{args.workers}w"
-    command = [sys.executable, "-m", "gradhub_cli", "run", "--mode", "sync", "--workers", str(args.workers),
-               "--model", args.model, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-               "--eval-every", str(args.steps), "--out", str(run_dir), "--no-progress", *args.extra]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"run failed:\n{result.stderr[-2000:]}")
-    step = cluster_step_ms(run_dir / "metrics.jsonl")
-    rows = [{"model": args.model, "batch_size": args.batch_size, "workers": args.workers,
-             "local_step_ms": local, "cluster_step_ms": step, "overhead_ms": step - local,
-             "command": " ".join(command[3:])}]
+    rows = []
+    for run in range(1, args.runs + 1):
+        local = local_step_ms(args.model, args.batch_size, args.repeats)
+        run_dir = args.out / "runs" / f"overhead-{args.model}-{args.workers}w-{run}"
+        command = [sys.executable, "-m", "gradhub_cli", "run", "--mode", "sync", "--workers", str(args.workers),
+                   "--model", args.model, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+                   "--eval-every", str(args.steps), "--out", str(run_dir), "--no-progress", *args.extra]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"run failed:\n{result.stderr[-2000:]}")
+        step = cluster_step_ms(run_dir / "metrics.jsonl")
+        rows.append({"run": run, "model": args.model, "batch_size": args.batch_size, "workers": args.workers,
+                     "local_step_ms": local, "cluster_step_ms": step, "overhead_ms": step - local,
+                     "command": " ".join(command[3:])})
     lines = [f"{args.model}, batch {args.batch_size}: a {args.workers}-worker sync step of a real cluster "
-             "against one local training step (forward, backward, SGD) on one thread", "",
-             "| local step | cluster step (sync) | overhead per step |", "|---|---|---|",
-             f"| {local:.2f} ms | {step:.2f} ms | {step - local:.2f} ms |"]
+             "against one local training step (forward, backward, SGD) on one thread, measured just before it", "",
+             "| run | local step | cluster step (sync) | overhead per step |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['local_step_ms']:.2f} ms | {r['cluster_step_ms']:.2f} ms | {r['overhead_ms']:.2f} ms |")
+    if len(rows) > 1:
+        median = {k: statistics.median(r[k] for r in rows) for k in ("local_step_ms", "cluster_step_ms", "overhead_ms")}
+        lines.append(f"| median | {median['local_step_ms']:.2f} ms | {median['cluster_step_ms']:.2f} ms | "
+                     f"{median['overhead_ms']:.2f} ms |")
     _write(args.out, "overhead", rows, "\n".join(lines), vars_json(args))
 
 
@@ -267,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     overhead.add_argument("--batch-size", type=int, default=50)
     overhead.add_argument("--workers", type=int, default=2)
     overhead.add_argument("--steps", type=int, default=3000)
-    overhead.add_argument("--repeats", type=int, default=500)
+    overhead.add_argument("--repeats", type=int, default=500, help="local steps timed per run")
+    overhead.add_argument("--runs", type=int, default=3, help="clusters run, one after another")
     overhead.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                           help="flags passed to `gradhub run` (last on the line)")
     overhead.set_defaults(func=bench_overhead)
