@@ -102,6 +102,8 @@ def dtype_from_proto(value: int, what: str) -> torch.dtype:
 # --- writing --------------------------------------------------------------------------------
 
 
+#: Entries kept by each spec cache below (cleared when full: a model has a few dozen specs).
+_SPEC_CACHE_MAX = 4096
 #: Dense tensors' specs, by what they hold: the same model sends the same ones every step.
 _DENSE_SPECS: dict[tuple[str, tuple[int, ...], torch.dtype, int], pb.TensorSpec] = {}
 
@@ -111,7 +113,7 @@ def spec_to_proto(tensor: EncodedTensor) -> pb.TensorSpec:
         key = (tensor.name, tensor.shape, tensor.values.dtype, tensor.byte_length)
         cached = _DENSE_SPECS.get(key)
         if cached is None:
-            if len(_DENSE_SPECS) >= _DECLARED_MAX:
+            if len(_DENSE_SPECS) >= _SPEC_CACHE_MAX:
                 _DENSE_SPECS.clear()
             cached = _DENSE_SPECS[key] = _new_spec(tensor)
         return cached
@@ -427,7 +429,6 @@ def _itemsize(dtype: torch.dtype) -> int:
 #: Specs already validated, by their serialized bytes: a model's specs repeat on every push
 #: and pull, and serializing one costs a tenth of checking it field by field.
 _DECLARED: dict[bytes, _Declared] = {}
-_DECLARED_MAX = 4096
 
 
 def _declared(spec: pb.TensorSpec, position: int) -> _Declared:
@@ -435,7 +436,7 @@ def _declared(spec: pb.TensorSpec, position: int) -> _Declared:
     declared = _DECLARED.get(key)
     if declared is None:
         declared = _read_spec(spec, position)  # raises for a bad spec: never cached
-        if len(_DECLARED) >= _DECLARED_MAX:
+        if len(_DECLARED) >= _SPEC_CACHE_MAX:
             _DECLARED.clear()
         _DECLARED[key] = declared
     return declared
@@ -558,8 +559,9 @@ def _decode(buffer: numpy.ndarray, declared: Sequence[_Declared]) -> tuple[Encod
                         for d in declared):
         # Every tensor dense in one float type: the payload is their values back to back,
         # decoded as views of one tensor so that `flat_values` finds the whole model.
-        flat = torch.frombuffer(buffer, dtype=declared[0].dtype) if len(buffer) else torch.empty(0)
-        return dense_views([(d.name, d.shape) for d in declared], flat.to(declared[0].dtype))
+        dtype = declared[0].dtype
+        flat = torch.frombuffer(buffer, dtype=dtype) if len(buffer) else torch.empty(0, dtype=dtype)
+        return dense_views([(d.name, d.shape) for d in declared], flat)
     tensors: list[EncodedTensor] = []
     offset = 0
 
