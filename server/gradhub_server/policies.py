@@ -83,10 +83,11 @@ def mean_gradient(
     same sums in the same order, in W calls rather than W per parameter.
     """
     count = len(gradients)
-    if count > 1 and len(flats) == count and all(flat is not None for flat in flats):
-        total = flats[0] + flats[1]  # type: ignore[operator]
-        for flat in flats[2:]:
-            total.add_(flat)  # type: ignore[arg-type]
+    whole = [flat for flat in flats if flat is not None]
+    if count > 1 and len(whole) == count:
+        total = whole[0] + whole[1]
+        for flat in whole[2:]:
+            total.add_(flat)
         total.div_(count)
         return [part.view(shape) for part, shape in zip(total.split([math.prod(s) for s in shapes]), shapes)]
     mean: list[Gradient] = []
