@@ -75,7 +75,8 @@ def test_wire_suite_measures_a_real_cluster_beside_raw_tcp_and_gloo(tmp_path: Pa
 
 
 def test_overhead_suite_times_a_local_step_and_a_real_clusters_step_per_run(tmp_path: Path):
-    bench("overhead", "--steps", "400", "--repeats", "50", "--runs", "2", "--out", str(tmp_path))
+    # 1,000 steps: a few seconds, so several once-a-second metrics records to time steps by.
+    bench("overhead", "--steps", "1000", "--repeats", "50", "--runs", "2", "--out", str(tmp_path))
     runs = rows(tmp_path, "overhead")
     assert [row["run"] for row in runs] == [1, 2]
     for row in runs:
@@ -84,3 +85,15 @@ def test_overhead_suite_times_a_local_step_and_a_real_clusters_step_per_run(tmp_
         assert row["overhead_ms"] == pytest.approx(row["cluster_step_ms"] - row["local_step_ms"])
         assert (tmp_path / "runs" / f"overhead-cnn-2w-{row['run']}" / "summary.json").exists()
     assert "| median |" in (tmp_path / "overhead.md").read_text()
+
+
+def test_cluster_step_time_uses_every_record_of_a_run_too_short_for_its_middle(tmp_path: Path):
+    from gradhub_cli.bench_wire import cluster_step_ms
+
+    metrics = tmp_path / "metrics.jsonl"
+    records = [{"event": "metrics", "version": v, "wall_seconds": t} for v, t in ((180, 1.0), (400, 2.1))]
+    metrics.write_text("\n".join(json.dumps(r) for r in records))
+    assert cluster_step_ms(metrics) == pytest.approx(1000 * 1.1 / 220)
+    metrics.write_text(json.dumps(records[0]))
+    with pytest.raises(SystemExit, match="too few"):
+        cluster_step_ms(metrics)

@@ -390,5 +390,10 @@ def cluster_step_ms(metrics_path: Path) -> float:
     points = [(r["version"], r["wall_seconds"]) for r in records if r.get("event") == "metrics"]
     last = max(v for v, _ in points)
     middle = [(v, t) for v, t in points if 0.1 * last <= v <= 0.9 * last]
+    if len(middle) < 2:  # a run of a few seconds: its records are all there is
+        middle = points
     (v0, t0), (v1, t1) = middle[0], middle[-1]
+    if v1 == v0:
+        raise SystemExit(f"{metrics_path}: {len(points)} metrics records are too few to time a step; "
+                         "run more steps (--steps)")
     return 1000 * (t1 - t0) / (v1 - v0)
