@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from gradhub_server.policies import mean_gradient
+from gradhub.domain import Push, PushMeta
+from gradhub.encoded import dense_views
+from gradhub_server.gradients import StepSums, Submission, mean_gradient, mean_of
 from gradhub_server.update_rules import SparseGradient, build_update_rule
 
 pytestmark = pytest.mark.timeout(30)
@@ -79,3 +81,42 @@ def test_the_mean_of_sparse_gradients_stays_sparse_and_sums_overlaps():
     assert mean.to_dense((10,)).tolist() == [0, 1, 0, 0, 0, 5, 0, 4, 0, 0]
     (mixed,) = mean_gradient([[a], [torch.ones(10)]], [torch.Size([10])])
     assert torch.equal(mixed, (a.to_dense((10,)) + torch.ones(10)) / 2)
+
+
+def _flats(dtypes: list[torch.dtype], seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(1000, generator=generator).to(dtype) for dtype in dtypes]
+
+
+@pytest.mark.parametrize("dtypes", [
+    [torch.float16, torch.float16],
+    [torch.bfloat16, torch.float16, torch.float32],
+    [torch.float32, torch.float32, torch.float32, torch.float32],
+    [torch.float16],
+])
+def test_a_sync_steps_mean_from_wire_values_equals_the_mean_of_fp32_gradients_bit_for_bit(dtypes):
+    sums = StepSums()
+    for seed in range(3):  # the buffers are reused: every step's mean must be its own
+        flats = _flats(dtypes, seed)
+        converted = [flat.to(torch.float32) for flat in flats]
+        expected = converted[0] if len(converted) == 1 else sum(converted[1:], converted[0]) / len(converted)
+        before = [flat.clone() for flat in flats]
+        mean = sums.mean(flats)
+        assert mean.dtype == torch.float32
+        assert torch.equal(mean, expected)
+        assert all(torch.equal(a, b) for a, b in zip(flats, before))  # the pushes are untouched
+
+
+def test_mean_of_dense_submissions_is_whole_and_split_into_the_parameters_shapes():
+    shapes = [torch.Size([3, 4]), torch.Size([4])]
+    sums = StepSums()
+    flats = _flats([torch.float16, torch.float16], 7)
+    submissions = [
+        Submission(push=Push(PushMeta("run", f"w{rank}", 1, 0), tensors=tuple(dense_views(
+            [("weight", (3, 4)), ("bias", (4,))], flat[:16]))), rank=rank, flat=flat[:16])
+        for rank, flat in enumerate(flats)
+    ]
+    mean = mean_of(submissions, shapes, sums)
+    assert [g.shape for g in mean] == shapes
+    per_parameter = mean_gradient([s.gradient for s in submissions], shapes)
+    assert all(torch.equal(a, b) for a, b in zip(mean, per_parameter))

@@ -176,6 +176,7 @@ class Cell:
 
 
 def _worker(rank: int, cell: Cell, redis_url: str, run_id: str, address: str, barrier: Any, results: Any) -> None:
+    from gradhub import memory
     from gradhub.codecs import codec_from_name
     from gradhub.coordination import RunCoordinator
     from gradhub.domain import PushMeta
@@ -183,6 +184,7 @@ def _worker(rank: int, cell: Cell, redis_url: str, run_id: str, address: str, ba
     from gradhub_worker.client import ParameterClient
 
     torch.set_num_threads(1)
+    memory.keep_freed_memory()  # as gradhub's worker does
     worker_id = f"bench-{rank}"
     coordinator = RunCoordinator.from_url(redis_url, run_id)
     config = coordinator.wait_config(60)

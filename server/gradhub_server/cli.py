@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from gradhub import memory
 from gradhub.auth import load_token
 from gradhub.config import (
     add_run_config_arguments,
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging("server", args.log_level)
     set_torch_threads(args.torch_threads)
+    memory.keep_freed_memory()  # every step moves the same sizes: reuse, do not re-fault
     try:
         coordinator = RunCoordinator.from_url(args.redis_url, args.run_id or "pending")
         config = None

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from gradhub.config import RunConfig
 from gradhub.domain import ParameterSnapshot, Push, PushResult
-from gradhub.encoded import EncodedTensor, Layout, flat_values
+from gradhub.encoded import flat_values
 from gradhub.errors import (
     FuturePush,
     GradhubError,
@@ -30,34 +29,17 @@ from gradhub.errors import (
     WrongRun,
 )
 from gradhub.retry import Deadline
+from gradhub_server.gradients import Submission
 from gradhub_server.membership import Membership
-from gradhub_server.policies import Submission, UpdatePolicy
+from gradhub_server.policies import UpdatePolicy
 from gradhub_server.receipts import Receipts
 from gradhub_server.stats import ServerStats
 from gradhub_server.store import ParameterStore
-from gradhub_server.update_rules import Gradient, SparseGradient
 
 log = logging.getLogger(__name__)
 
 #: Longest a push may wait in a barrier, or a pull for a version, when the caller set no deadline.
 DEFAULT_WAIT_S = 60.0
-
-
-def to_gradient(tensor: EncodedTensor) -> Gradient:
-    """A decoded push tensor as the update rules take it: sparse stays sparse (O(k))."""
-    if tensor.layout is Layout.SPARSE and tensor.indices is not None:
-        return SparseGradient(tensor.indices.to(torch.int64), tensor.float_values())
-    return tensor.to_dense()
-
-
-def to_gradients(tensors: Sequence[EncodedTensor], flat: torch.Tensor | None) -> tuple[list[Gradient], torch.Tensor | None]:
-    """The push's gradient, and with `flat` (its values as one tensor, `flat_values`) the
-    same gradient as one fp32 tensor of which the per-parameter ones are views."""
-    if flat is None:
-        return [to_gradient(t) for t in tensors], None
-    flat32 = flat.to(torch.float32)
-    parts = flat32.split([t.numel for t in tensors])
-    return [part.view(t.shape) for part, t in zip(parts, tensors)], flat32
 
 
 class ParameterServerCore:
@@ -109,10 +91,9 @@ class ParameterServerCore:
         if not first:  # another copy of this push got here first
             return self.receipts.replay(receipt, wait)
         try:
-            gradient, flat_gradient = to_gradients(push.tensors, flat)
-            result = self.policy.submit(
-                Submission(push=push, gradient=gradient, rank=rank, flat=flat_gradient), wait
-            )
+            submission = Submission(push=push, rank=rank, flat=flat)
+            self.policy.prepare(submission)
+            result = self.policy.submit(submission, wait)
         except GradhubError as exc:
             self.receipts.settle(receipt, error=exc)
             raise

@@ -34,7 +34,6 @@ before `submit`: a policy only decides about well-formed gradients.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -46,71 +45,21 @@ from typing import Any
 import torch
 
 from gradhub.config import RunConfig
-from gradhub.domain import ParameterSnapshot, Push, PushResult
+from gradhub.domain import ParameterSnapshot, PushResult
 from gradhub.errors import DuplicatePush, LatePush, PullDeferred, ServerUnavailable, StalePush
 from gradhub.retry import Deadline
 from gradhub_server.applied import AppliedPush
 from gradhub_server.delay_compensation import DelayCompensation, WorkerMirrors
+from gradhub_server.gradients import StepSums, Submission, mean_of
 from gradhub_server.membership import Membership
 from gradhub_server.stats import ServerStats
 from gradhub_server.store import ParameterStore
-from gradhub_server.update_rules import Gradient, SparseGradient
+from gradhub_server.update_rules import Gradient
 
 log = logging.getLogger(__name__)
 
 #: How often a waiting sync push re-checks membership, besides being woken on changes.
 BARRIER_TICK_S = 0.1
-
-
-@dataclass(frozen=True)
-class Submission:
-    push: Push
-    gradient: Sequence[Gradient]
-    rank: int
-    #: The gradient as one fp32 tensor when it is dense (`gradient` are views of it).
-    flat: torch.Tensor | None = None
-
-
-def mean_gradient(
-    gradients: Sequence[Sequence[Gradient]], shapes: Sequence[torch.Size],
-    flats: Sequence[torch.Tensor | None] = (),
-) -> list[Gradient]:
-    """The mean of W workers' gradients, parameter by parameter, summed in the given order.
-
-    Sparse stays sparse (the indices of all workers, values divided by W: O(W k)); a
-    parameter with any dense gradient is summed densely and divided by W. When every
-    gradient is dense and `flats` holds each as one tensor, they are summed whole: the
-    same sums in the same order, in W calls rather than W per parameter.
-    """
-    count = len(gradients)
-    whole = [flat for flat in flats if flat is not None]
-    if count > 1 and len(whole) == count:
-        total = whole[0] + whole[1]
-        for flat in whole[2:]:
-            total.add_(flat)
-        total.div_(count)
-        return [part.view(shape) for part, shape in zip(total.split([math.prod(s) for s in shapes]), shapes)]
-    mean: list[Gradient] = []
-    for position, shape in enumerate(shapes):
-        parts = [g[position] for g in gradients]
-        if all(isinstance(part, SparseGradient) for part in parts):
-            sparse_parts = [part for part in parts if isinstance(part, SparseGradient)]
-            mean.append(
-                SparseGradient(
-                    torch.cat([part.indices for part in sparse_parts]),
-                    torch.cat([part.values for part in sparse_parts]) / count,
-                )
-            )
-            continue
-        dense = [part.to_dense(shape) if isinstance(part, SparseGradient) else part for part in parts]
-        if count == 1:  # a mean of one: the gradient itself (a 40 MB copy saved per step)
-            mean.append(dense[0])
-            continue
-        total = dense[0] + dense[1]
-        for part in dense[2:]:
-            total.add_(part)
-        mean.append(total.div_(count))
-    return mean
 
 
 class UpdatePolicy(ABC):
@@ -124,6 +73,11 @@ class UpdatePolicy(ABC):
         self.membership = membership
         self.stats = stats
         membership.subscribe(lambda old, new: self.on_membership_change())
+
+    def prepare(self, submission: Submission) -> None:
+        """Before `submit`, outside the policy's lock: build the push's fp32 gradient, which
+        the async policies apply (a sync step sums the pushes' wire values itself)."""
+        _ = submission.gradient
 
     @abstractmethod
     def submit(self, submission: Submission, timeout: float) -> PushResult:
@@ -161,6 +115,10 @@ class SyncPolicy(UpdatePolicy):
         self._cond = threading.Condition()
         self._pending: dict[str, Submission] = {}
         self._closed = False
+        self._sums = StepSums()
+
+    def prepare(self, submission: Submission) -> None:
+        """Nothing: the step's mean is summed from the wire values (`StepSums`)."""
 
     def submit(self, submission: Submission, timeout: float) -> PushResult:
         push = submission.push
@@ -215,7 +173,7 @@ class SyncPolicy(UpdatePolicy):
             return
         entries = sorted(self._pending.values(), key=lambda s: (s.rank, s.push.meta.worker_id))
         self.store.apply(
-            mean_gradient([e.gradient for e in entries], self.store.shapes, [e.flat for e in entries]),
+            mean_of(entries, self.store.shapes, self._sums),
             pushes=[AppliedPush.of(e.push, staleness=0, rank=e.rank) for e in entries],
         )
         self._pending.clear()

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from gradhub import memory
 from gradhub.auth import load_token
 from gradhub.config import apply_env_defaults
 from gradhub.coordination import RunCoordinator, connect, list_runs
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging("worker", args.log_level)
     set_torch_threads(args.torch_threads)
+    memory.keep_freed_memory()  # every step moves the same sizes: reuse, do not re-fault
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         raise SystemExit(128 + signum)  # unwinds through finally: the lease is released
