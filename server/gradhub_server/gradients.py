@@ -100,6 +100,8 @@ def mean_gradient(
     parameter with any dense gradient is summed densely and divided by W.
     """
     count = len(gradients)
+    if count == 1:  # a mean of one: the gradient itself (no copy of its values)
+        return list(gradients[0])
     mean: list[Gradient] = []
     for position, shape in enumerate(shapes):
         parts = [g[position] for g in gradients]
@@ -113,9 +115,6 @@ def mean_gradient(
             )
             continue
         dense = [part.to_dense(shape) if isinstance(part, SparseGradient) else part for part in parts]
-        if count == 1:  # a mean of one: the gradient itself (a 40 MB copy saved per step)
-            mean.append(dense[0])
-            continue
         total = dense[0] + dense[1]
         for part in dense[2:]:
             total.add_(part)
