@@ -119,3 +119,44 @@ def test_whole_model_encoding_names_the_tensor_holding_nan_and_keeps_the_residua
     with pytest.raises(NonFiniteGradient, match="'b'"):
         feedback.encode([("a", torch.ones(3)), ("b", torch.tensor([1.0, float("nan")]))])
     assert torch.equal(feedback.residual("a"), kept)
+
+
+@pytest.mark.parametrize("codec", ["fp16", "bf16", "none"])
+def test_tensor_by_tensor_encoding_does_the_plain_arithmetic_and_what_it_sent_stays_sent(codec):
+    """Plain arithmetic: accumulated = gradient + residual, sent = accumulated in the wire's
+    type (clamped to its range), residual = accumulated - sent. The worker reuses buffers
+    from step to step; a push already handed out must not change under a later step."""
+    wire_type = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": torch.float32}[codec]
+    largest = torch.finfo(wire_type).max
+    generator = torch.Generator().manual_seed(1)
+    shapes = {"w": (40, 30), "b": (30,)}
+    feedback = _PerTensor(codec_from_name(codec))
+    residuals: dict[str, torch.Tensor] = {}
+    earlier: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for step in range(6):
+        scale = 1e5 if step == 1 else 10 ** (step - 3)  # step 1 overflows fp16: the clamped path
+        gradients = [(name, torch.randn(shape, generator=generator) * scale) for name, shape in shapes.items()]
+        sent = feedback.encode(gradients)
+        for tensor, (name, gradient) in zip(sent, gradients):
+            accumulated = gradient + residuals[name] if name in residuals else gradient.clone()
+            expected = accumulated.clamp(-largest, largest).to(wire_type)
+            assert torch.equal(tensor.values.view(gradient.shape), expected)
+            residuals[name] = accumulated - expected.to(torch.float32)
+            mine = feedback.residual(name)
+            assert torch.equal(mine, residuals[name]) if mine is not None else not residuals[name].any()
+            earlier.append((tensor.values, tensor.values.clone()))
+        if step == 2:  # the server refused this push: it goes back to the residual
+            feedback.restore(sent)
+            for tensor in sent:
+                residuals[tensor.name] = residuals[tensor.name] + tensor.values.to(torch.float32).view(shapes[tensor.name])
+    assert all(torch.equal(values, copy) for values, copy in earlier)
+
+
+def test_tensor_by_tensor_encoding_names_the_tensor_holding_nan_and_keeps_the_residual():
+    feedback = _PerTensor(codec_from_name("fp16"))
+    feedback.encode([("a", torch.full((3,), 1e-8)), ("b", torch.ones(2))])
+    feedback.encode([("a", torch.full((3,), 1e-8)), ("b", torch.ones(2))])  # buffers to reuse
+    kept = feedback.residual("a").clone()
+    with pytest.raises(NonFiniteGradient, match="'a'"):
+        feedback.encode([("a", torch.tensor([1.0, float("nan"), 0.0])), ("b", torch.ones(2))])
+    assert torch.equal(feedback.residual("a"), kept)

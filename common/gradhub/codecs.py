@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gradhub import memory
 from gradhub.encoded import EncodedTensor, Layout, all_finite, dense_views, sparse
 from gradhub.errors import ConfigurationError, NonFiniteGradient
 
@@ -86,6 +87,13 @@ class _ClampedTwoByteValues(ValueCodec):
     absolute_error: float
 
     def encode(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        if values.device.type == "cpu":
+            # Convert first and clamp only when something overflowed: the same result (values
+            # in range convert alike; larger ones round to Inf here, so they take the clamped
+            # path), without a clamped fp32 copy of every gradient, and into huge pages.
+            converted = memory.empty(values.numel(), self.dtype).view(values.shape).copy_(values)
+            if all_finite(converted):
+                return converted, None, 0
         return values.clamp(-self.largest, self.largest).to(self.dtype).contiguous(), None, 0
 
     def bytes_for(self, count: int) -> int:

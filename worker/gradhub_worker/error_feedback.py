@@ -61,6 +61,10 @@ class ErrorFeedback:
         self._flat_residual: torch.Tensor | None = None
         self._flat_names: tuple[str, ...] = ()
         self._flat_shapes: list[tuple[int, ...]] = []
+        #: Per tensor, the buffer the next step accumulates into (the residual before last).
+        self._spares: dict[str, torch.Tensor] = {}
+        #: fp32 room for the sent values, reused by every tensor of every step.
+        self._cast: torch.Tensor | None = None
 
     def codec_at(self, version: int) -> Codec:
         """The codec for a gradient computed on `version` (sparsity warm-up)."""
@@ -104,9 +108,17 @@ class ErrorFeedback:
                 self._momenta[name] = momentum
                 contribution = momentum
             residual = self._residuals.get(name)
-            accumulated = contribution + residual if residual is not None else contribution.clone()
+            if residual is None:
+                accumulated = contribution.clone()
+            else:
+                # Into the buffer of the residual before this one: a fresh tensor per step
+                # costs its page faults again (gradhub.memory). The residual itself stays
+                # as it was until the encode succeeded.
+                accumulated = torch.add(contribution, residual, out=self._spare_like(name, residual))
             sent = codec.encode(name, accumulated)
             self._residuals[name] = self._remainder(accumulated, sent)
+            if residual is not None:
+                self._spares[name] = residual
             if options.momentum and options.masking and sent.indices is not None:
                 self._momenta[name].view(-1)[sent.indices.to(accumulated.device)] = 0.0
             encoded.append(sent)
@@ -152,13 +164,29 @@ class ErrorFeedback:
         self._residuals.update(self._flat_views())
         self._flat_residual = None
 
-    @staticmethod
-    def _remainder(accumulated: torch.Tensor, sent: EncodedTensor) -> torch.Tensor:
+    def _spare_like(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        spare = self._spares.pop(name, None)
+        if spare is None or spare.shape != like.shape or spare.dtype != like.dtype or spare.device != like.device:
+            spare = torch.empty_like(like)
+        return spare
+
+    def _remainder(self, accumulated: torch.Tensor, sent: EncodedTensor) -> torch.Tensor:
+        """What was not sent; `accumulated` is ours alone, and becomes it in place."""
         if sent.layout is Layout.SPARSE and sent.indices is not None:
-            remainder = accumulated.reshape(-1)  # accumulated is ours alone: update in place
+            remainder = accumulated.reshape(-1)
             indices = sent.indices.to(device=remainder.device, dtype=torch.int64)
             remainder.index_add_(0, indices, -sent.float_values().to(remainder.device))
             return remainder.view(accumulated.shape)
+        if sent.scales is None and sent.values.dtype != accumulated.dtype:
+            # The sent values in fp32 through a buffer kept between steps: the same
+            # subtraction as of `to_dense()`, without a fresh fp32 tensor (or a hidden one,
+            # as a subtraction of another type makes). Not for fp32 values, which may be
+            # `accumulated` itself.
+            numel = accumulated.numel()
+            if self._cast is None or self._cast.numel() < numel or self._cast.device != accumulated.device:
+                self._cast = torch.empty(numel, dtype=torch.float32, device=accumulated.device)
+            cast = self._cast[:numel].view(accumulated.shape).copy_(sent.values.view(accumulated.shape))
+            return accumulated.sub_(cast)
         return accumulated - sent.to_dense().to(accumulated.device)
 
     def restore(self, sent: Sequence[EncodedTensor]) -> None:
@@ -168,7 +196,9 @@ class ErrorFeedback:
             residual = self._residuals.get(tensor.name)
             dense = tensor.to_dense()
             if residual is None:
-                self._residuals[tensor.name] = dense
+                # A copy: fp32 values decode to themselves, and a residual must be ours
+                # alone (later steps accumulate into it in place).
+                self._residuals[tensor.name] = dense.clone()
             else:
                 residual.add_(dense.to(residual.device))
 
@@ -177,6 +207,7 @@ class ErrorFeedback:
         self._residuals.clear()
         self._flat_residual = None
         self._momenta.clear()
+        self._spares.clear()
 
     def residual(self, name: str) -> torch.Tensor | None:
         if self._flat_residual is not None and name in self._flat_names:
