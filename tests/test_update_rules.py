@@ -120,3 +120,22 @@ def test_mean_of_dense_submissions_is_whole_and_split_into_the_parameters_shapes
     assert [g.shape for g in mean] == shapes
     per_parameter = mean_gradient([s.gradient for s in submissions], shapes)
     assert all(torch.equal(a, b) for a, b in zip(mean, per_parameter))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_dense_steps_with_weight_decay_equal_torchs_optimizer_bit_for_bit(name):
+    """The rule adds weight decay to the gradients in place and steps without it (no
+    model-sized copy per step): the same arithmetic as torch's own step with decay."""
+    ours, theirs = params(3), params(3)
+    rule = build_update_rule(name, ours, 0.05, 0.9, 5e-3)
+    reference = (torch.optim.SGD(theirs, lr=0.05, momentum=0.9, weight_decay=5e-3, foreach=True) if name == "sgd"
+                 else torch.optim.Adam(theirs, lr=0.05, weight_decay=5e-3, foreach=True))
+    generator = torch.Generator().manual_seed(4)
+    for _ in range(4):
+        gradients = [torch.randn(p.shape, generator=generator) for p in ours]
+        for p, g in zip(theirs, gradients):
+            p.grad = g.clone()
+        reference.step()
+        rule.apply(gradients)
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert rule.optimizer.param_groups[0]["weight_decay"] == 5e-3

@@ -68,21 +68,42 @@ class UpdateRule(ABC):
         return float(self.optimizer.param_groups[0]["lr"])
 
     def apply(self, gradients: Sequence[Gradient]) -> None:
-        """One step: dense gradients through the optimizer, sparse ones in O(k)."""
-        any_dense = False
+        """One step: dense gradients through the optimizer, sparse ones in O(k). Dense
+        gradients are the caller's to give away: weight decay is added to them in place."""
+        dense: list[tuple[nn.Parameter, torch.Tensor]] = []
         for param, gradient in zip(self.params, gradients):
             if isinstance(gradient, SparseGradient):
                 param.grad = None
             else:
                 param.grad = gradient
-                any_dense = True
-        if any_dense:
-            self.optimizer.step()
+                dense.append((param, gradient))
+        if dense:
+            self._dense_step(dense)
         with torch.no_grad():
             for param, gradient in zip(self.params, gradients):
                 param.grad = None
                 if isinstance(gradient, SparseGradient) and gradient.indices.numel():
                     self._apply_sparse(param, gradient, self.optimizer.state[param])
+
+    def _dense_step(self, dense: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+        """The optimizer's step, with its weight decay added to the gradients here, in place.
+
+        torch adds it into a fresh copy of every gradient (`_foreach_add`): a model-sized
+        allocation per step, which costs its page faults again each time (gradhub.memory).
+        The same sum in place, then a step without decay, is the same arithmetic.
+        """
+        groups = self.optimizer.param_groups
+        decays = [group["weight_decay"] for group in groups]
+        if len(groups) != 1 or not decays[0]:
+            self.optimizer.step()
+            return
+        with torch.no_grad():
+            torch._foreach_add_([g for _, g in dense], [p.detach() for p, _ in dense], alpha=decays[0])
+        groups[0]["weight_decay"] = 0.0
+        try:
+            self.optimizer.step()
+        finally:
+            groups[0]["weight_decay"] = decays[0]
 
     @abstractmethod
     def _apply_sparse(self, param: nn.Parameter, gradient: SparseGradient, state: dict[str, Any]) -> None:
