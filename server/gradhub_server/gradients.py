@@ -2,8 +2,8 @@
 
 A dense push arrives as one tensor in its wire type (`flat_values`: fp16, bf16 or
 fp32). Converting it to fp32 on arrival cost a fresh buffer per push, and summing the
-step's pushes another: on this machine, filling a fresh 100 MB tensor takes about
-46 ms, almost all of it the kernel's page faults, against 9 ms for a tensor already
+step's pushes another: on this machine, filling a fresh 100 MB tensor takes over
+40 ms, almost all of it the kernel's page faults, against 9 ms for a tensor already
 touched. So a sync step sums the pushes' wire values straight into fp32 buffers it
 keeps from step to step (`StepSums`), and a push's fp32 gradient is only built when
 a policy asks for it (`Submission.gradient`: async applies, sparse and mixed steps).

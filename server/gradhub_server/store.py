@@ -279,7 +279,8 @@ class ParameterStore:
     ) -> int:
         """One step with `gradient` (validated; dense fp32 tensors or SparseGradients,
         applied in O(k)), at the scheduled learning rate times `lr_scale`, carrying `pushes`;
-        returns the new version."""
+        returns the new version. The dense tensors are handed over: the rule may change them
+        (it adds weight decay in place)."""
         with self._lock:
             if self.finished:
                 raise RunFinished(f"the run finished at version {self._version}")

@@ -92,18 +92,18 @@ class UpdateRule(ABC):
         allocation per step, which costs its page faults again each time (gradhub.memory).
         The same sum in place, then a step without decay, is the same arithmetic.
         """
-        groups = self.optimizer.param_groups
-        decays = [group["weight_decay"] for group in groups]
-        if len(groups) != 1 or not decays[0]:
+        (group,) = self.optimizer.param_groups  # build_update_rule makes one group
+        decay = group["weight_decay"]
+        if not decay:
             self.optimizer.step()
             return
         with torch.no_grad():
-            torch._foreach_add_([g for _, g in dense], [p.detach() for p, _ in dense], alpha=decays[0])
-        groups[0]["weight_decay"] = 0.0
+            torch._foreach_add_([g for _, g in dense], [p.detach() for p, _ in dense], alpha=decay)
+        group["weight_decay"] = 0.0
         try:
             self.optimizer.step()
         finally:
-            groups[0]["weight_decay"] = decays[0]
+            group["weight_decay"] = decay
 
     @abstractmethod
     def _apply_sparse(self, param: nn.Parameter, gradient: SparseGradient, state: dict[str, Any]) -> None:
