@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -97,3 +98,25 @@ def test_cluster_step_time_uses_every_record_of_a_run_too_short_for_its_middle(t
     metrics.write_text(json.dumps(records[0]))
     with pytest.raises(SystemExit, match="too few"):
         cluster_step_ms(metrics)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the suite runs (test below)")
+def test_transfer_suite_says_it_needs_a_gpu_where_there_is_none(tmp_path: Path):
+    result = subprocess.run([sys.executable, "-m", "gradhub_cli", "bench", "transfer", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "no CUDA device here" in result.stderr
+    assert not (tmp_path / "transfer.json").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine)")
+def test_transfer_suite_times_a_cuda_workers_encode_and_load_beside_the_bare_dma(tmp_path: Path):
+    bench("transfer", "--sizes", "1000000", "--codecs", "fp16", "topk:0.01+fp16", "--repeats", "3",
+          "--out", str(tmp_path))
+    measured = rows(tmp_path, "transfer")
+    assert [(r["kind"], r["what"]) for r in measured] == [
+        ("push", "fp16"), ("push", "topk:0.01+fp16"), ("pull", "fp32"), ("pull", "fp16")]
+    fp16_push, topk_push, fp32_pull, fp16_pull = measured
+    assert fp16_push["wire_bytes"] == 2 * fp16_push["parameters"]
+    assert topk_push["wire_bytes"] < fp16_push["wire_bytes"] / 10
+    assert fp32_pull["wire_bytes"] == 2 * fp16_pull["wire_bytes"] == 4 * fp32_pull["parameters"]
+    assert all(r["ms"] > 0 and r["dma_ms"] > 0 for r in measured)

@@ -12,6 +12,7 @@ Suites:
   wire     push, pull and push+pull against a real server by model size, workers and codec,
            beside raw loopback TCP moving the same bytes and a gloo all_reduce (ratios)
   overhead a real cluster's sync step against a local training step of the same batch
+  transfer a CUDA worker's encode and load, beside the bare DMA of the same bytes (needs a GPU)
 """
 
 from __future__ import annotations
@@ -222,6 +223,13 @@ def bench_overhead(args: argparse.Namespace) -> None:
     _write(args.out, "overhead", rows, "\n".join(lines), vars_json(args))
 
 
+def bench_transfer(args: argparse.Namespace) -> None:
+    from gradhub_cli import bench_transfer as transfer_suite
+
+    rows, table = transfer_suite.bench_transfer(args)
+    _write(args.out, "transfer", rows, table, vars_json(args))
+
+
 def vars_json(args: argparse.Namespace) -> dict[str, Any]:
     meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     meta["torch"] = torch.__version__
@@ -282,7 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help="flags passed to `gradhub run` (last on the line)")
     overhead.set_defaults(func=bench_overhead)
 
-    for sub in (codecs, topk, apply, indices, wire, overhead):
+    transfer = suites.add_parser("transfer", help="a CUDA worker's encode and load against the bare DMA (GPU)")
+    transfer.add_argument("--sizes", type=int, nargs="+", default=[10_000_000, 25_000_000],
+                          help="model parameters (the wide model of about that size)")
+    transfer.add_argument("--codecs", nargs="+", default=["none", "fp16", "topk:0.01+fp16"])
+    transfer.add_argument("--pull-dtypes", nargs="+", default=["fp32", "fp16"], choices=["fp32", "fp16"])
+    transfer.add_argument("--repeats", type=int, default=9)
+    transfer.set_defaults(func=bench_transfer)
+
+    for sub in (codecs, topk, apply, indices, wire, overhead, transfer):
         sub.add_argument("--out", type=Path, default=Path("bench"), help="folder for the JSON and table")
     return parser
 

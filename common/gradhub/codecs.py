@@ -33,6 +33,7 @@ import torch
 from gradhub import memory
 from gradhub.encoded import EncodedTensor, Layout, all_finite, dense_views, sparse
 from gradhub.errors import ConfigurationError, NonFiniteGradient
+from gradhub.transfer import to_host
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
 BF16_MAX = float(torch.finfo(torch.bfloat16).max)
@@ -138,10 +139,13 @@ class Int8Values(ValueCodec):
     def _scales(self, values: torch.Tensor) -> torch.Tensor:
         count = values.numel()
         blocks = -(-count // self.block)
-        padded = torch.zeros(blocks * self.block, dtype=torch.float32)
+        padded = torch.zeros(blocks * self.block, dtype=torch.float32, device=values.device)
         padded[:count] = values.abs()
         absmax = padded.view(blocks, self.block).amax(dim=1)
-        scales = absmax / 127.0
+        # Divided by a tensor, not the number: CUDA divides by a number as a multiplication
+        # by its reciprocal, which rounds differently, and a gradient must encode to the
+        # same bytes on a GPU as on the CPU.
+        scales = absmax / torch.full_like(absmax, 127.0)
         # Round toward zero, so that 127 * scale never exceeds absmax (nor float32's range).
         return torch.where(scales * 127.0 > absmax, torch.nextafter(scales, torch.zeros_like(scales)), scales)
 
@@ -172,6 +176,15 @@ _VALUE_CODECS: dict[str, type[ValueCodec]] = {
 
 
 # --- codecs ----------------------------------------------------------------------------------
+
+
+def _dense_on_host(
+    name: str, shape: tuple[int, ...], values: torch.Tensor, scales: torch.Tensor | None, block: int
+) -> EncodedTensor:
+    """A dense EncodedTensor of values a value codec encoded on the gradient's device: the
+    wire's bytes cross to the host, not the float32 ones (gradhub.transfer)."""
+    return EncodedTensor(name, shape, Layout.DENSE, to_host(values),
+                         scales=None if scales is None else to_host(scales), scale_block=block)
 
 
 class Codec(ABC):
@@ -221,8 +234,7 @@ class DenseCodec(Codec):
         self.lossless = values.lossless
 
     def _encode(self, name: str, shape: tuple[int, ...], flat: torch.Tensor) -> EncodedTensor:
-        values, scales, block = self.values.encode(flat.cpu())
-        return EncodedTensor(name, shape, Layout.DENSE, values, scales=scales, scale_block=block)
+        return _dense_on_host(name, shape, *self.values.encode(flat))
 
     @property
     def encodes_whole_models(self) -> bool:
@@ -245,8 +257,8 @@ class DenseCodec(Codec):
             culprit = next((name for (name, _), part in zip(name_shapes, flat.split(sizes))
                             if not all_finite(part)), "?")
             raise NonFiniteGradient(f"gradient for {culprit!r} holds NaN or Inf: not encoded")
-        values, _, _ = self.values.encode(flat.cpu())
-        return dense_views(name_shapes, values)
+        values, _, _ = self.values.encode(flat)
+        return dense_views(name_shapes, to_host(values))
 
     def payload_bytes(self, numel: int) -> int:
         return self.values.bytes_for(numel)
@@ -316,11 +328,11 @@ class Sparsifier(Codec):
     def _encode(self, name: str, shape: tuple[int, ...], flat: torch.Tensor) -> EncodedTensor:
         k = self.k_for(flat.numel())
         if k == flat.numel():
-            values, scales, block = self.values.encode(flat.cpu())
-            return EncodedTensor(name, shape, Layout.DENSE, values, scales=scales, scale_block=block)
+            return _dense_on_host(name, shape, *self.values.encode(flat))
         indices = self.select(flat, k) if k else torch.empty(0, dtype=torch.int64)
-        values, scales, block = self.values.encode(flat[indices].cpu())
-        return sparse(name, shape, indices, values, scales=scales, scale_block=block,
+        values, scales, block = self.values.encode(flat[indices])
+        return sparse(name, shape, to_host(indices), to_host(values),
+                      scales=None if scales is None else to_host(scales), scale_block=block,
                       compact_indices=self.compact_indices)
 
     def payload_bytes(self, numel: int) -> int:

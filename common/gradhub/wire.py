@@ -30,6 +30,7 @@ from gradhub.encoded import (
 )
 from gradhub.errors import InvalidRequest, PayloadTooLarge
 from gradhub.index_coding import IndexEncoding
+from gradhub.transfer import receive_buffer
 from gradhub.v1 import parameter_server_pb2 as pb
 
 #: Payload bytes per message. 1 MiB measured best for gRPC Python streaming; far under
@@ -521,10 +522,10 @@ class _Chunk(Protocol):
 class _Assembler:
     """Collects a payload from chunks that must arrive in order and fill it exactly."""
 
-    def __init__(self, size: int, limits: WireLimits) -> None:
+    def __init__(self, size: int, limits: WireLimits, pinned: bool = False) -> None:
         # Uninitialised: every byte is written by a chunk before it is read (finish() checks),
         # so zero-filling tens of megabytes first would only cost time.
-        self._buffer = numpy.empty(size, dtype=numpy.uint8)
+        self._buffer = receive_buffer(size, pinned)
         self._view = self._buffer.data
         self._received = 0
         self._limits = limits
@@ -599,11 +600,12 @@ class _Message(_Chunk, Protocol):
 
 def _read_payload(
     first: _Message, rest: Iterator[_Message], specs: Sequence[pb.TensorSpec], payload_bytes: int,
-    limits: WireLimits, what: str,
+    limits: WireLimits, what: str, pinned: bool = False,
 ) -> tuple[tuple[EncodedTensor, ...], int]:
-    """The tensors a stream's header declares, from its chunks; and the stream's wire bytes."""
+    """The tensors a stream's header declares, from its chunks; and the stream's wire bytes.
+    `pinned`: decode into pinned memory (for a CUDA worker, gradhub.transfer)."""
     layouts = _read_specs(specs, payload_bytes, limits)
-    assembler = _Assembler(payload_bytes, limits)
+    assembler = _Assembler(payload_bytes, limits, pinned)
     wire_bytes = framed_size(first)
     if first.data or first.offset:
         assembler.add(first)
@@ -645,7 +647,7 @@ def read_push(requests: Iterable[pb.PushRequest], limits: WireLimits) -> Push:
 
 
 def read_push_pull(
-    responses: Iterable[pb.PullResponse], limits: WireLimits
+    responses: Iterable[pb.PullResponse], limits: WireLimits, pinned: bool = False
 ) -> tuple[PushResult, ParameterSnapshot | None]:
     """Validate and decode a PushPull stream: the push's fate, then the parameters; None
     for them when the server deferred the pull (SSP: the worker must pull again)."""
@@ -657,18 +659,18 @@ def read_push_pull(
         if next(iterator, None) is not None:
             raise InvalidRequest("a deferred PushPull must end after saying what became of the push")
         return push_result(first.pushed), None
-    return push_result(first.pushed), read_pull(itertools.chain([first], iterator), limits)
+    return push_result(first.pushed), read_pull(itertools.chain([first], iterator), limits, pinned)
 
 
-def read_pull(responses: Iterable[pb.PullResponse], limits: WireLimits) -> ParameterSnapshot:
-    """Validate and decode a pull stream (the worker's side)."""
+def read_pull(responses: Iterable[pb.PullResponse], limits: WireLimits, pinned: bool = False) -> ParameterSnapshot:
+    """Validate and decode a pull stream (the worker's side); into pinned memory if `pinned`."""
     iterator = iter(responses)
     first = next(iterator, None)
     if first is None or not first.HasField("header"):
         raise InvalidRequest("the first message of a pull must carry its header")
     header = first.header
     tensors, wire_bytes = _read_payload(
-        first, iterator, header.tensors, header.payload_bytes, limits, "pull"
+        first, iterator, header.tensors, header.payload_bytes, limits, "pull", pinned
     )
     return ParameterSnapshot(
         version=header.version, tensors=tensors, finished=header.finished, wire_bytes=wire_bytes,

@@ -34,14 +34,16 @@ def _domain_error(exc: grpc.RpcError) -> GradhubError:
 class ParameterClient:
     def __init__(
         self, address: str, run_id: str, worker_id: str, max_payload_bytes: int, token: str | None = None,
-        tls: ClientTls | None = None, one_message_steps: bool = False,
+        tls: ClientTls | None = None, one_message_steps: bool = False, pinned: bool = False,
     ) -> None:
         """`one_message_steps`: the model's parameters fit in one message, so a push+pull
-        whose push does too goes as one unary Step call instead of a PushPull stream."""
+        whose push does too goes as one unary Step call instead of a PushPull stream.
+        `pinned`: received parameters are decoded into pinned memory (a CUDA worker's)."""
         self.address = address
         self.run_id = run_id
         self.worker_id = worker_id
         self.one_message_steps = one_message_steps
+        self.pinned = pinned
         self._settings = (max_payload_bytes, token, tls)
         self._metadata = auth.metadata(token)
         self._limits = wire.WireLimits(max_payload_bytes=max_payload_bytes)
@@ -89,10 +91,10 @@ class ParameterClient:
                 serialized = list(messages)
                 if len(serialized) == 1:
                     reply = self._step(serialized[0], timeout=timeout, metadata=self._metadata)
-                    return wire.read_push_pull([reply], self._limits)
+                    return wire.read_push_pull([reply], self._limits, self.pinned)
                 messages = iter(serialized)  # too big for one message: stream what is built
             return wire.read_push_pull(
-                self._push_pull(messages, timeout=timeout, metadata=self._metadata), self._limits
+                self._push_pull(messages, timeout=timeout, metadata=self._metadata), self._limits, self.pinned
             )
         except grpc.RpcError as exc:
             raise _domain_error(exc) from exc
@@ -103,7 +105,9 @@ class ParameterClient:
     ) -> ParameterSnapshot:
         request = wire.pull_request(self.run_id, self.worker_id, min_version, dtype, have_version)
         try:
-            return wire.read_pull(self._pull(request, timeout=timeout, metadata=self._metadata), self._limits)
+            return wire.read_pull(
+                self._pull(request, timeout=timeout, metadata=self._metadata), self._limits, self.pinned
+            )
         except grpc.RpcError as exc:
             raise _domain_error(exc) from exc
 
@@ -117,7 +121,7 @@ class ParameterClient:
         """A client like this one, to another address (the server restarted elsewhere)."""
         max_payload_bytes, token, tls = self._settings
         return ParameterClient(address, self.run_id, self.worker_id, max_payload_bytes, token, tls,
-                               self.one_message_steps)
+                               self.one_message_steps, self.pinned)
 
     def close(self) -> None:
         self._channel.close()

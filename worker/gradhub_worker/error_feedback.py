@@ -29,6 +29,7 @@ import torch
 
 from gradhub.codecs import Codec, DenseCodec, Sparsifier
 from gradhub.encoded import EncodedTensor, Layout, flat_values
+from gradhub.transfer import to_device
 
 #: Sparsity warm-up starts by keeping this fraction.
 WARMUP_START = 0.25
@@ -149,7 +150,8 @@ class ErrorFeedback:
         else:
             whole = flat_values(sent)
             values = whole if whole is not None else torch.cat([t.values for t in sent])
-            self._flat_residual = accumulated.sub_(values.to(device=accumulated.device, dtype=torch.float32))
+            # Widened on the gradient's device: the bus carries the wire's bytes.
+            self._flat_residual = accumulated.sub_(to_device(values, accumulated.device, torch.float32))
             self._flat_names, self._flat_shapes = names, shapes
         return list(sent)
 
@@ -185,7 +187,8 @@ class ErrorFeedback:
             numel = accumulated.numel()
             if self._cast is None or self._cast.numel() < numel or self._cast.device != accumulated.device:
                 self._cast = torch.empty(numel, dtype=torch.float32, device=accumulated.device)
-            cast = self._cast[:numel].view(accumulated.shape).copy_(sent.values.view(accumulated.shape))
+            sent_values = to_device(sent.values, accumulated.device)  # widened below, on the device
+            cast = self._cast[:numel].view(accumulated.shape).copy_(sent_values.view(accumulated.shape))
             return accumulated.sub_(cast)
         return accumulated - sent.to_dense().to(accumulated.device)
 

@@ -28,7 +28,7 @@ from gradhub.coordination import Lease, RunCoordinator
 from gradhub.data import load_dataset, shard_indices
 from gradhub.delays import StepDelay
 from gradhub.domain import ParameterSnapshot, PushMeta, PushResult
-from gradhub.encoded import WIRE_DTYPES, EncodedTensor, flat_values
+from gradhub.encoded import WIRE_DTYPES, EncodedTensor
 from gradhub.errors import (
     CoordinationError,
     DuplicatePush,
@@ -43,13 +43,14 @@ from gradhub.errors import (
     UnknownWorker,
     VersionNotReached,
 )
-from gradhub.models import build_model, count_parameters, flatten_parameters
+from gradhub.models import build_model, count_parameters
 from gradhub.retry import Backoff, Deadline, wait_for
 from gradhub.tls import ClientTls
 from gradhub_worker.ack_log import AckLog
 from gradhub_worker.client import ParameterClient
 from gradhub_worker.error_feedback import ErrorFeedback, FeedbackOptions
 from gradhub_worker.lease import LeaseKeeper
+from gradhub_worker.loading import ModelLoader
 
 log = logging.getLogger(__name__)
 
@@ -200,10 +201,8 @@ class Worker:
         self._pull_delta = False
         #: The connection in use: replaced when the server comes back at another address.
         self._client: ParameterClient | None = None
-        #: The version of the parameters the local model holds (None before the first pull).
-        self._held: int | None = None
-        #: The model's parameters as one tensor, of which they are views (set by `run`).
-        self._flat_parameters = torch.empty(0)
+        #: Loads pulled parameters into the model and knows the version it holds (set by `run`).
+        self._model: ModelLoader | None = None
         self._acks = AckLog(settings.ack_log) if settings.ack_log is not None else None
 
     def run(self) -> int:
@@ -212,7 +211,7 @@ class Worker:
         device = pick_device(s.device)
         torch.manual_seed(config.seed)
         model = build_model(config.model, config.model_kwargs).to(device)
-        self._flat_parameters = flatten_parameters(model)
+        self._model = loader = ModelLoader(model)
         lease = self.coordinator.register(
             s.worker_id, config.workers, config.lease_seconds, s.join_timeout, s.rank
         )
@@ -231,8 +230,9 @@ class Worker:
                 address, config.run_id, s.worker_id,
                 max_payload_bytes=12 * parameters + (1 << 16), token=s.auth_token, tls=s.tls,
                 one_message_steps=4 * parameters + ONE_MESSAGE_SLACK <= wire.CHUNK_BYTES,
+                pinned=device.type == "cuda",
             )
-            return self._train(config, model, batches, self._wait_ready(client, s.join_timeout), keeper)
+            return self._train(config, model, loader, batches, self._wait_ready(client, s.join_timeout), keeper)
         finally:
             keeper.stop()
             try:
@@ -245,15 +245,15 @@ class Worker:
                 client.close()
 
     def _train(
-        self, config: RunConfig, model: nn.Module, batches: ShardBatches, client: ParameterClient,
-        keeper: LeaseKeeper,
+        self, config: RunConfig, model: nn.Module, loaded: ModelLoader, batches: ShardBatches,
+        client: ParameterClient, keeper: LeaseKeeper,
     ) -> int:
         s = self.settings
         feedback = feedback_for(config, keeper.lease.rank)
         delay = StepDelay(config.delay, config.slowdown, config.seed, keeper.lease.rank, config.workers)
         if delay.active:
             log.info("injected delay %s, slowdown x%g", config.delay, delay.factor)
-        named = list(model.named_parameters())
+        named = loaded.named
         seq = 0
         self._non_finite_steps = 0
         self._pull_dtype = WIRE_DTYPES[pull_dtype_of(config)]
@@ -265,7 +265,7 @@ class Worker:
                 if keeper.lost.is_set():
                     keeper.replace(self._reregister(config, keeper.lease))
                 computing = time.monotonic()
-                self._load(named, snapshot)
+                loaded.load(snapshot)
                 x, y = batches.next()
                 model.zero_grad(set_to_none=True)
                 loss_tensor = nn.functional.cross_entropy(model(x), y)
@@ -323,41 +323,6 @@ class Worker:
         if self._non_finite_steps >= DIVERGED_AFTER:
             time.sleep(DIVERGED_POLL_S)  # waiting for the server to end the run, not racing it
         return self._pull(client, 0)
-
-    def _load(self, named: list[tuple[str, nn.Parameter]], snapshot: ParameterSnapshot) -> None:
-        """Make the model hold `snapshot`'s version: whole, or by a delta from the held one."""
-        if snapshot.version == self._held and snapshot.delta_from in (None, self._held):
-            return  # already there (a pull after a refused push, nothing changed)
-        if snapshot.delta_from is not None and snapshot.delta_from != self._held:
-            raise InvalidRequest(
-                f"server sent a delta from version {snapshot.delta_from}, this worker holds {self._held}"
-            )
-        if len(snapshot.tensors) != len(named):
-            raise InvalidRequest(
-                f"server sent {len(snapshot.tensors)} tensors for a model of {len(named)}: "
-                "server and worker run different models"
-            )
-        for (name, param), tensor in zip(named, snapshot.tensors):
-            if tensor.name != name or tensor.shape != tuple(param.shape):
-                raise InvalidRequest(
-                    f"server sent {tensor.name!r} {list(tensor.shape)} for {name!r} "
-                    f"{list(param.shape)}: server and worker run different models"
-                )
-        whole = flat_values(snapshot.tensors)
-        with torch.no_grad():
-            if whole is not None and self._flat_parameters.numel() == whole.numel():
-                # Every tensor whole, back to back: one copy (and conversion) for the model.
-                self._flat_parameters.copy_(whole, non_blocking=True)
-                self._held = snapshot.version
-                return
-            for (_, param), tensor in zip(named, snapshot.tensors):
-                values = tensor.float_values().to(param.device, non_blocking=True)
-                if tensor.indices is None:
-                    param.copy_(values.view(tensor.shape))
-                else:
-                    # index_copy_, not view(-1)[indices] = : 7 against 13 ms for 500 k of 50 M.
-                    param.view(-1).index_copy_(0, tensor.indices.to(param.device), values)
-        self._held = snapshot.version
 
     def _step(
         self, client: ParameterClient, meta: PushMeta, encoded: list[EncodedTensor],
@@ -418,7 +383,7 @@ class Worker:
         return self._until_answered(
             lambda current: current.pull(
                 min_version, self.settings.rpc_timeout, self._pull_dtype,
-                self._held if self._pull_delta else None,
+                self._model.held if self._pull_delta and self._model is not None else None,
             ),
             "pull", client,
         )
