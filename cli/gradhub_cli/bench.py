@@ -12,6 +12,8 @@ Suites:
   wire     push, pull and push+pull against a real server by model size, workers and codec,
            beside raw loopback TCP moving the same bytes and a gloo all_reduce (ratios)
   overhead a real cluster's sync step against a local training step of the same batch
+  overlap  async training without and with --overlap (the next gradient computed while
+           the last push is in flight): pushes/s, staleness, accuracy, time to a target
   transfer a CUDA worker's encode and load, beside the bare DMA of the same bytes (needs a GPU)
 """
 
@@ -223,6 +225,13 @@ def bench_overhead(args: argparse.Namespace) -> None:
     _write(args.out, "overhead", rows, "\n".join(lines), vars_json(args))
 
 
+def bench_overlap(args: argparse.Namespace) -> None:
+    from gradhub_cli import bench_overlap as overlap_suite
+
+    rows, table = overlap_suite.bench_overlap(args)
+    _write(args.out, "overlap", rows, table, vars_json(args))
+
+
 def bench_transfer(args: argparse.Namespace) -> None:
     from gradhub_cli import bench_transfer as transfer_suite
 
@@ -290,6 +299,19 @@ def build_parser() -> argparse.ArgumentParser:
                           help="flags passed to `gradhub run` (last on the line)")
     overhead.set_defaults(func=bench_overhead)
 
+    overlap = suites.add_parser("overlap", help="async training without and with --overlap")
+    overlap.add_argument("--model", default="cnn")
+    overlap.add_argument("--workers", type=int, default=2)
+    overlap.add_argument("--modes", nargs="+", default=["async", "async-sa"],
+                         choices=[m for m in MODES if m != "sync"])
+    overlap.add_argument("--steps", type=int, help="steps per run (default: the mode's default)")
+    overlap.add_argument("--target", type=float, default=0.9, help="accuracy whose time to reach is reported")
+    overlap.add_argument("--runs", type=int, default=2, help="pairs of runs per mode, alternating the order")
+    overlap.add_argument("--seed", type=int, default=0)
+    overlap.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                         help="flags passed to every `gradhub run` (last on the line)")
+    overlap.set_defaults(func=bench_overlap)
+
     transfer = suites.add_parser("transfer", help="a CUDA worker's encode and load against the bare DMA (GPU)")
     transfer.add_argument("--sizes", type=int, nargs="+", default=[10_000_000, 25_000_000],
                           help="model parameters (the wide model of about that size)")
@@ -298,14 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--repeats", type=int, default=9)
     transfer.set_defaults(func=bench_transfer)
 
-    for sub in (codecs, topk, apply, indices, wire, overhead, transfer):
+    for sub in (codecs, topk, apply, indices, wire, overhead, overlap, transfer):
         sub.add_argument("--out", type=Path, default=Path("bench"), help="folder for the JSON and table")
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if args.suite not in ("codecs", "wire", "overhead"):
+    if args.suite not in ("codecs", "wire", "overhead", "overlap"):
         torch.set_num_threads(1)  # one core, as a server thread has
     args.func(args)
     return 0

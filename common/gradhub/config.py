@@ -107,6 +107,9 @@ class RunConfig:
     #: Artificial staleness tau (async modes): the server applies each push tau pushes
     #: after it arrived, so with one worker every gradient is exactly tau versions stale.
     inject_staleness: int = 0
+    #: Async modes: a worker computes its next gradient while its previous push is in
+    #: flight (one more version of staleness per push, the transfer hidden behind compute).
+    overlap: bool = False
     #: Injected delay per worker step, seeded by (seed, rank): none | constant:MS |
     #: exponential:MEAN_MS | lognormal:MEDIAN_MS:SIGMA | pareto:SCALE_MS:ALPHA.
     delay: str = "none"
@@ -159,6 +162,9 @@ class RunConfig:
             problems.append("ssp_bound and inject_staleness must be >= 0")
         if self.inject_staleness and self.mode not in ASYNC_MODES:
             problems.append(f"inject_staleness applies to the async modes {ASYNC_MODES}, not {self.mode}")
+        if self.overlap and self.mode not in ASYNC_MODES:
+            problems.append(f"overlap applies to the async modes {ASYNC_MODES}, not {self.mode}: a sync "
+                            "step waits for every gradient computed on its own version")
         if self.inject_staleness > self.max_staleness:
             problems.append(f"inject_staleness ({self.inject_staleness}) exceeds max_staleness "
                             f"({self.max_staleness}): every push would be refused; raise --max-staleness")
@@ -307,6 +313,9 @@ def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dc-lambda", type=float, help="dc-asgd: lambda_0 of the adaptive compensation (default 2)")
     group.add_argument("--inject-staleness", type=int,
                        help="async modes: apply every push this many pushes late (tau; default 0)")
+    group.add_argument("--overlap", type=_on_off,
+                       help="async modes: compute the next gradient while the last push is in flight, "
+                            "on|off (default off; each push one version staler)")
     group.add_argument("--delay",
                        help="injected delay per worker step, seeded: none | constant:MS | exponential:MEAN_MS | "
                             "lognormal:MEDIAN_MS:SIGMA | pareto:SCALE_MS:ALPHA (default none)")
@@ -324,7 +333,7 @@ _RUN_FLAG_FIELDS = (
     "momentum", "weight_decay", "compression", "dense_below", "momentum_correction", "momentum_masking",
     "clip_norm",
     "sparsity_warmup", "pull_compression", "index_coding", "max_staleness", "ssp_bound", "dc_lambda", "inject_staleness",
-    "delay", "slowdown", "backup_workers", "batch_size", "seed",
+    "overlap", "delay", "slowdown", "backup_workers", "batch_size", "seed",
     "eval_every", "lease_seconds",
 )
 

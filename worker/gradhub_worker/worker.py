@@ -13,6 +13,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -190,6 +191,34 @@ class ShardBatches:
         return x.to(self._device, non_blocking=non_blocking), y.to(self._device, non_blocking=non_blocking)
 
 
+@dataclass(frozen=True)
+class _Loop:
+    """What every step of a training loop works with."""
+
+    config: RunConfig
+    model: nn.Module
+    loaded: ModelLoader
+    batches: ShardBatches
+    client: ParameterClient
+    keeper: LeaseKeeper
+    feedback: ErrorFeedback
+    delay: StepDelay
+
+    @property
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for _, p in self.loaded.named]
+
+
+@dataclass(frozen=True)
+class _LocalGradient:
+    """One batch's gradients, with the version of the parameters they were computed on."""
+
+    gradients: list[tuple[str, torch.Tensor]]
+    version: int
+    loss: float
+    samples: int
+
+
 class Worker:
     def __init__(self, settings: WorkerSettings, coordinator: RunCoordinator | None = None) -> None:
         self.settings = settings
@@ -204,6 +233,10 @@ class Worker:
         #: Loads pulled parameters into the model and knows the version it holds (set by `run`).
         self._model: ModelLoader | None = None
         self._acks = AckLog(settings.ack_log) if settings.ack_log is not None else None
+        #: The last push's sequence number (see next_seq).
+        self._seq = 0
+        self._non_finite_steps = 0
+        self._last_log = 0.0
 
     def run(self) -> int:
         s = self.settings
@@ -248,56 +281,119 @@ class Worker:
         self, config: RunConfig, model: nn.Module, loaded: ModelLoader, batches: ShardBatches,
         client: ParameterClient, keeper: LeaseKeeper,
     ) -> int:
-        s = self.settings
         feedback = feedback_for(config, keeper.lease.rank)
         delay = StepDelay(config.delay, config.slowdown, config.seed, keeper.lease.rank, config.workers)
         if delay.active:
             log.info("injected delay %s, slowdown x%g", config.delay, delay.factor)
-        named = loaded.named
-        seq = 0
         self._non_finite_steps = 0
         self._pull_dtype = WIRE_DTYPES[pull_dtype_of(config)]
         self._pull_delta = pull_delta_of(config)
-        started = last_log = time.monotonic()
+        self._last_log = started = time.monotonic()
+        loop = _Loop(config, model, loaded, batches, client, keeper, feedback, delay)
         try:
-            snapshot = self._pull(client, 0)
-            while not snapshot.finished:
-                if keeper.lost.is_set():
-                    keeper.replace(self._reregister(config, keeper.lease))
-                computing = time.monotonic()
-                loaded.load(snapshot)
-                x, y = batches.next()
-                model.zero_grad(set_to_none=True)
-                loss_tensor = nn.functional.cross_entropy(model(x), y)
-                loss_tensor.backward()
-                loss = loss_tensor.item()
-                gradients = [(n, p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in named]
-                try:
-                    encoded = feedback.encode(gradients, [p for _, p in named], snapshot.version)
-                except NonFiniteGradient as exc:
-                    snapshot = self._non_finite(client, feedback, snapshot, exc)
-                    continue
-                self._non_finite_steps = 0
-                if delay.active:
-                    # The injected straggling itself (a lab feature), not synchronisation.
-                    time.sleep(delay.idle_seconds(time.monotonic() - computing))
-                seq = next_seq(seq, keeper.lease.token)
-                meta = PushMeta(
-                    run_id=config.run_id, worker_id=s.worker_id, seq=seq,
-                    base_version=snapshot.version, loss=loss, samples=int(y.numel()),
-                    pull_dtype=self._pull_dtype, pull_delta=self._pull_delta,
-                )
-                snapshot = self._step(client, meta, encoded, feedback, keeper, config)
-                now = time.monotonic()
-                if now - last_log > 10:
-                    last_log = now
-                    log.info("version %d: %d pushes applied, %d refused, loss %.4f",
-                             snapshot.version, self.pushes_applied, self.pushes_refused, loss)
+            if config.overlap:
+                log.info("overlap: each gradient is computed while the previous push is in flight")
+                self._train_overlapped(loop)
+            else:
+                self._train_in_turn(loop)
         except RunFinished as exc:
             log.info("%s", exc)
         log.info("run finished: %d pushes applied, %d refused in %.1fs",
                  self.pushes_applied, self.pushes_refused, time.monotonic() - started)
         return 0
+
+    def _train_in_turn(self, loop: _Loop) -> None:
+        """Pull, compute, push; the next gradient starts from the parameters the push
+        brought back."""
+        snapshot = self._pull(loop.client, 0)
+        while not snapshot.finished:
+            if loop.keeper.lost.is_set():
+                loop.keeper.replace(self._reregister(loop.config, loop.keeper.lease))
+            computing = time.monotonic()
+            loop.loaded.load(snapshot)
+            local = self._compute(loop, snapshot.version)
+            try:
+                encoded = loop.feedback.encode(local.gradients, loop.parameters, local.version)
+            except NonFiniteGradient as exc:
+                snapshot = self._non_finite(loop.client, loop.feedback, snapshot, exc)
+                continue
+            self._non_finite_steps = 0
+            self._straggle(loop.delay, computing)
+            snapshot = self._step(loop.client, self._meta(loop, local), encoded, loop.feedback, loop.keeper,
+                                  loop.config)
+            self._log_progress(snapshot, local.loss)
+
+    def _train_overlapped(self, loop: _Loop) -> None:
+        """Compute the next gradient while the last push (and the pull it brings back) is in
+        flight, on one sender thread: the transfer hides behind the compute, and every push
+        is computed on the parameters from before the previous push's answer.
+
+        Only the sender thread touches the residuals while a push is in flight (a refused
+        push goes back to them), and only the main thread after: it encodes the next
+        gradient once the answer is in, and then loads the parameters the answer carried.
+        """
+        snapshot = self._pull(loop.client, 0)
+        loop.loaded.load(snapshot)
+        sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradhub-push")
+        try:
+            in_flight: Future[ParameterSnapshot] | None = None
+            while not snapshot.finished:
+                computing = time.monotonic()
+                local = self._compute(loop, loop.loaded.held or 0)
+                self._straggle(loop.delay, computing)  # injected compute time: overlapped too
+                if in_flight is not None:
+                    snapshot = in_flight.result()  # the end of the run, or no server for good, raises here
+                    in_flight = None
+                    if snapshot.finished:
+                        break
+                if loop.keeper.lost.is_set():
+                    loop.keeper.replace(self._reregister(loop.config, loop.keeper.lease))
+                try:
+                    # Before the new parameters load: weight decay takes the gradient's own.
+                    encoded = loop.feedback.encode(local.gradients, loop.parameters, local.version)
+                except NonFiniteGradient as exc:
+                    snapshot = self._non_finite(loop.client, loop.feedback, snapshot, exc)
+                    loop.loaded.load(snapshot)
+                    continue
+                self._non_finite_steps = 0
+                meta = self._meta(loop, local)
+                loop.loaded.load(snapshot)
+                in_flight = sender.submit(self._step, loop.client, meta, encoded, loop.feedback, loop.keeper,
+                                          loop.config)
+                self._log_progress(snapshot, local.loss)
+        finally:
+            # Nothing is in flight after a normal end; after an error, whatever is in
+            # flight is not waited for (the channel closes under it as the worker leaves).
+            sender.shutdown(wait=False, cancel_futures=True)
+
+    def _compute(self, loop: _Loop, version: int) -> _LocalGradient:
+        x, y = loop.batches.next()
+        loop.model.zero_grad(set_to_none=True)  # fresh tensors: an encode still to come keeps its own
+        loss = nn.functional.cross_entropy(loop.model(x), y)
+        loss.backward()
+        gradients = [(n, p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in loop.loaded.named]
+        return _LocalGradient(gradients, version, loss.item(), int(y.numel()))
+
+    def _meta(self, loop: _Loop, local: _LocalGradient) -> PushMeta:
+        self._seq = next_seq(self._seq, loop.keeper.lease.token)
+        return PushMeta(
+            run_id=loop.config.run_id, worker_id=self.settings.worker_id, seq=self._seq,
+            base_version=local.version, loss=local.loss, samples=local.samples,
+            pull_dtype=self._pull_dtype, pull_delta=self._pull_delta,
+        )
+
+    @staticmethod
+    def _straggle(delay: StepDelay, computing: float) -> None:
+        if delay.active:
+            # The injected straggling itself (a lab feature), not synchronisation.
+            time.sleep(delay.idle_seconds(time.monotonic() - computing))
+
+    def _log_progress(self, snapshot: ParameterSnapshot, loss: float) -> None:
+        now = time.monotonic()
+        if now - self._last_log > 10:
+            self._last_log = now
+            log.info("version %d: %d pushes applied, %d refused, loss %.4f",
+                     snapshot.version, self.pushes_applied, self.pushes_refused, loss)
 
     def _non_finite(
         self, client: ParameterClient, feedback: ErrorFeedback, snapshot: ParameterSnapshot,
