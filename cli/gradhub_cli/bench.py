@@ -34,7 +34,7 @@ import torch
 from gradhub import index_coding
 from gradhub.codecs import ApproxTopK, Float16Values, exact_topk
 from gradhub.config import MODES
-from gradhub_cli.runs import finished_with, record_command
+from gradhub_cli.runs import run_or_reuse
 
 
 def _median_seconds(repeats: int, fn: Callable[..., object], *args: Any) -> float:
@@ -72,14 +72,7 @@ def bench_codecs(args: argparse.Namespace) -> None:
             ]
             print(f"[{len(rows) + 1}/{len(args.modes) * len(args.codecs)}] {' '.join(command[3:])}",
                   file=sys.stderr, flush=True)
-            if finished_with(run_dir, command[3:]):
-                print("    reusing the finished run already in that folder", file=sys.stderr, flush=True)
-            else:
-                result = subprocess.run(command, capture_output=True, text=True)
-                if result.returncode != 0:
-                    raise SystemExit(f"run failed:\n{result.stderr[-2000:]}")
-                record_command(run_dir, command[3:])
-            summary = json.loads((run_dir / "summary.json").read_text())
+            summary = run_or_reuse(run_dir, command)
             pushes = summary["pushes_applied"] + summary["pushes_refused"] + summary.get("pushes_after_finish", 0)
             rows.append({
                 "mode": mode, "codec": codec, "steps": summary["steps"],

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from gradhub_cli.runs import finished_with, record_command
+from gradhub_cli.runs import run_or_reuse
 
 
 def seconds_to_reach(metrics_path: Path, target: float) -> float | None:
@@ -39,14 +38,7 @@ def _run(args: argparse.Namespace, mode: str, overlap: bool, repeat: int) -> dic
         *args.extra,
     ]
     print(f"{name}: {' '.join(command[3:])}", file=sys.stderr, flush=True)
-    if finished_with(run_dir, command[3:]):
-        print("    reusing the finished run already in that folder", file=sys.stderr, flush=True)
-    else:
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise SystemExit(f"run failed:\n{result.stderr[-2000:]}")
-        record_command(run_dir, command[3:])
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = run_or_reuse(run_dir, command)
     wall = float(summary["wall_seconds"])
     return {
         "mode": mode, "overlap": overlap, "repeat": repeat, "model": args.model, "workers": args.workers,
