@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from gradhub.domain import Push, PushMeta
 from gradhub.encoded import dense_views
+from gradhub.models import flatten_parameters
 from gradhub_server.gradients import StepSums, Submission, mean_gradient, mean_of
 from gradhub_server.update_rules import SparseGradient, build_update_rule
 
@@ -122,11 +125,21 @@ def test_mean_of_dense_submissions_is_whole_and_split_into_the_parameters_shapes
     assert all(torch.equal(a, b) for a, b in zip(mean, per_parameter))
 
 
+def flattened(ps: list[nn.Parameter]) -> list[nn.Parameter]:
+    """The parameters moved into one buffer, as the server's store keeps them."""
+    flatten_parameters(nn.ParameterList(ps))
+    return ps
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["separate", "one-buffer"])
 @pytest.mark.parametrize("name", ["sgd", "adam"])
-def test_dense_steps_with_weight_decay_equal_torchs_optimizer_bit_for_bit(name):
+def test_dense_steps_with_weight_decay_equal_torchs_optimizer_bit_for_bit(name, flat):
     """The rule adds weight decay to the gradients in place and steps without it (no
-    model-sized copy per step): the same arithmetic as torch's own step with decay."""
+    model-sized copy per step), on one flat tensor when the parameters are one buffer:
+    the same arithmetic as torch's own step with decay."""
     ours, theirs = params(3), params(3)
+    if flat:
+        ours = flattened(ours)
     rule = build_update_rule(name, ours, 0.05, 0.9, 5e-3)
     reference = (torch.optim.SGD(theirs, lr=0.05, momentum=0.9, weight_decay=5e-3, foreach=True) if name == "sgd"
                  else torch.optim.Adam(theirs, lr=0.05, weight_decay=5e-3, foreach=True))
@@ -139,3 +152,46 @@ def test_dense_steps_with_weight_decay_equal_torchs_optimizer_bit_for_bit(name):
         rule.apply(gradients)
         assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
     assert rule.optimizer.param_groups[0]["weight_decay"] == 5e-3
+    if name == "sgd":
+        state = rule.optimizer.state
+        assert all(torch.equal(state[a]["momentum_buffer"], reference.state[b]["momentum_buffer"])
+                   for a, b in zip(ours, theirs))
+
+
+def test_one_buffer_sgd_resumes_from_a_loaded_optimizer_state_bit_for_bit():
+    """A restore replaces the optimizer's momentum buffers (load_state_dict): the flat step
+    takes them up, and goes on as the rule that never stopped."""
+    generator = torch.Generator().manual_seed(5)
+    steps = [[torch.randn(p.shape, generator=generator) for p in params()] for _ in range(6)]
+    running = flattened(params(3))
+    rule = build_update_rule("sgd", running, 0.05, 0.9, 5e-3)
+    for gradients in steps[:3]:
+        rule.apply([g.clone() for g in gradients])
+    saved = [p.detach().clone() for p in running], copy.deepcopy(rule.optimizer.state_dict())
+    restored = flattened(params(0))
+    resumed = build_update_rule("sgd", restored, 0.05, 0.9, 5e-3)
+    with torch.no_grad():
+        for p, value in zip(restored, saved[0]):
+            p.copy_(value)
+    resumed.optimizer.load_state_dict(saved[1])
+    for gradients in steps[3:]:
+        rule.apply([g.clone() for g in gradients])
+        resumed.apply([g.clone() for g in gradients])
+    assert all(torch.equal(a, b) for a, b in zip(running, restored))
+
+
+def test_a_mixed_step_between_flat_steps_keeps_sgd_momentum_exact():
+    """A step with a sparse parameter goes through torch and the lazy path; the flat steps
+    around it see the buffers those made."""
+    flat, separate = flattened(params(3)), params(3)
+    rules = [build_update_rule("sgd", ps, 0.05, 0.9, 0.0) for ps in (flat, separate)]
+    generator = torch.Generator().manual_seed(6)
+    for step in range(5):
+        dense = [torch.randn(p.shape, generator=generator) for p in flat]
+        if step == 2:
+            gradient: list = [dense[0], sparse_gradient(40, 5, 7)]
+        else:
+            gradient = dense
+        for rule in rules:
+            rule.apply([g.clone() if isinstance(g, torch.Tensor) else g for g in gradient])
+    assert all(torch.equal(a, b) for a, b in zip(flat, separate))

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from gradhub import wire
 from gradhub.codecs import codec_from_name
 from gradhub.domain import ParameterSnapshot, PushMeta, PushResult
-from gradhub.encoded import EncodedTensor, Layout, dense
+from gradhub.encoded import EncodedTensor, Layout, dense, dense_views, flat_values
 from gradhub.errors import InvalidRequest, PayloadTooLarge
 
 pytestmark = pytest.mark.timeout(60)
@@ -209,3 +209,22 @@ def test_a_malformed_data_only_message_goes_to_protobuf_which_refuses_it():
         with pytest.raises(DecodeError):
             wire.parse_push_request(broken)
     assert not isinstance(wire.parse_push_request(good), wire.RawChunk)  # the header's goes to protobuf
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dense_views_are_the_tensors_built_one_by_one_and_carry_their_flat_tensor(dtype):
+    name_shapes = [("a", (3, 4)), ("b", (0,)), ("c", (5,))]
+    flat = torch.arange(17, dtype=torch.float32).to(dtype)
+    views = dense_views(name_shapes, flat)
+    one_by_one = [EncodedTensor(name, shape, Layout.DENSE, part)
+                  for (name, shape), part in zip(name_shapes, flat.split([12, 0, 5]))]
+    assert len(views) == len(one_by_one)
+    for view, built in zip(views, one_by_one):
+        assert_same(view, built)
+        assert (view.index_encoding, view.index_blob, view.scales, view.scale_block) == (
+            built.index_encoding, built.index_blob, built.scales, built.scale_block)
+    assert flat_values(views) is flat
+    # A stream of them is one segment, byte for byte the stream of the tensors one by one.
+    assert list(wire.push_stream(META, views, chunk_bytes=7)) == list(wire.push_stream(META, one_by_one, chunk_bytes=7))
+    with pytest.raises(InvalidRequest, match="16 values for tensors of 17"):
+        dense_views(name_shapes, flat[:16])

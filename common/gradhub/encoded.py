@@ -69,35 +69,60 @@ class EncodedTensor:
     scale_block: int = 0
 
     def __post_init__(self) -> None:
+        # Runs for every tensor of every push and pull (8 per message for the default CNN):
+        # the common case is checked first, in as few torch calls as possible.
+        values = self.values
+        if values.dim() != 1 or not values.is_contiguous():
+            raise InvalidRequest(f"tensor {self.name!r}: values must be 1-D and contiguous")
+        dtype = values.dtype
+        if dtype not in VALUE_DTYPES:
+            raise InvalidRequest(f"tensor {self.name!r}: values of dtype {dtype} cannot travel")
+        count = values.numel()
+        if self.layout is Layout.DENSE and self.scales is None and dtype != torch.int8:
+            if self.indices is not None:
+                raise InvalidRequest(f"tensor {self.name!r}: a dense tensor has no indices")
+            if count != self.numel:
+                raise InvalidRequest(
+                    f"tensor {self.name!r}: {count} values for shape {list(self.shape)} ({self.numel} elements)"
+                )
+            return
+        self._check_rest(count)
+
+    @classmethod
+    def _dense_view(cls, name: str, shape: tuple[int, ...], values: torch.Tensor) -> EncodedTensor:
+        """A dense tensor whose checks `dense_views` made once for the flat tensor it views:
+        building the frozen dataclass field by field and checking it again cost more than
+        the rest of a small model's push (8 tensors in every push and pull)."""
+        tensor = object.__new__(cls)
+        tensor.__dict__.update(
+            name=name, shape=shape, layout=Layout.DENSE, values=values, indices=None,
+            index_encoding=IndexEncoding.RAW, index_blob=None, scales=None, scale_block=0,
+        )
+        return tensor
+
+    def _check_rest(self, count: int) -> None:
         what = f"tensor {self.name!r}"
-        if self.values.dim() != 1 or not self.values.is_contiguous():
-            raise InvalidRequest(f"{what}: values must be 1-D and contiguous")
-        if self.values.dtype not in VALUE_DTYPES:
-            raise InvalidRequest(f"{what}: values of dtype {self.values.dtype} cannot travel")
         if (self.values.dtype == torch.int8) != (self.scales is not None):
             raise InvalidRequest(f"{what}: int8 values, and only they, come with scales")
         if self.scales is not None:
-            blocks = -(-self.values.numel() // self.scale_block) if self.scale_block > 0 else -1
+            blocks = -(-count // self.scale_block) if self.scale_block > 0 else -1
             if self.scales.dim() != 1 or self.scales.numel() != blocks:
                 raise InvalidRequest(
-                    f"{what}: {self.scales.numel()} scales for {self.values.numel()} values "
+                    f"{what}: {self.scales.numel()} scales for {count} values "
                     f"in blocks of {self.scale_block}"
                 )
         if self.layout is Layout.DENSE:
             if self.indices is not None:
                 raise InvalidRequest(f"{what}: a dense tensor has no indices")
-            if self.values.numel() != self.numel:
+            if count != self.numel:
                 raise InvalidRequest(
-                    f"{what}: {self.values.numel()} values for shape {list(self.shape)} "
-                    f"({self.numel} elements)"
+                    f"{what}: {count} values for shape {list(self.shape)} ({self.numel} elements)"
                 )
         else:
             if self.indices is None or self.indices.dim() != 1:
                 raise InvalidRequest(f"{what}: a sparse tensor needs 1-D indices")
-            if self.indices.numel() != self.values.numel():
-                raise InvalidRequest(
-                    f"{what}: {self.indices.numel()} indices but {self.values.numel()} values"
-                )
+            if self.indices.numel() != count:
+                raise InvalidRequest(f"{what}: {self.indices.numel()} indices but {count} values")
 
     @property
     def numel(self) -> int:
@@ -165,6 +190,24 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
+def back_to_back(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The tensors as one 1-D view, without copying, when they are contiguous, of one type
+    and device, and lie back to back in one buffer in this order; otherwise None."""
+    if not tensors:
+        return None
+    first = tensors[0]
+    storage = first.untyped_storage().data_ptr()
+    end = first.data_ptr()
+    total = 0
+    for tensor in tensors:
+        if (tensor.dtype != first.dtype or tensor.data_ptr() != end or not tensor.is_contiguous()
+                or tensor.untyped_storage().data_ptr() != storage or tensor.device != first.device):
+            return None
+        end += tensor.numel() * tensor.element_size()
+        total += tensor.numel()
+    return first.as_strided((total,), (1,))
+
+
 def flat_values(tensors: Sequence[EncodedTensor]) -> torch.Tensor | None:
     """All the tensors' values as one 1-D tensor, without copying, when they are dense, of
     one float type, and lie back to back in one buffer (as the wire decodes a dense push
@@ -174,22 +217,21 @@ def flat_values(tensors: Sequence[EncodedTensor]) -> torch.Tensor | None:
     parameters): one finiteness check, one conversion and one copy over the whole model
     cost about what one of them costs per tensor.
     """
-    if not tensors:
+    if isinstance(tensors, DenseViews):
+        return tensors.flat
+    if not tensors or tensors[0].values.dtype not in FLOAT_DTYPES:
         return None
-    first = tensors[0].values
-    if first.dtype not in FLOAT_DTYPES:
+    if any(tensor.layout is not Layout.DENSE for tensor in tensors):
         return None
-    storage = first.untyped_storage().data_ptr()
-    end = first.data_ptr()
-    total = 0
-    for tensor in tensors:
-        values = tensor.values
-        if (tensor.layout is not Layout.DENSE or values.dtype != first.dtype or values.data_ptr() != end
-                or values.untyped_storage().data_ptr() != storage or values.device != first.device):
-            return None
-        end += values.numel() * values.element_size()
-        total += values.numel()
-    return first.as_strided((total,), (1,))
+    return back_to_back([tensor.values for tensor in tensors])
+
+
+class DenseViews(tuple[EncodedTensor, ...]):
+    """Dense EncodedTensors that view one flat tensor of floats, carrying it, so that
+    `flat_values` (a push's finiteness check and mean, a pull's load, a stream's one
+    segment) takes it back without re-checking every tensor's address."""
+
+    flat: torch.Tensor
 
 
 def dense_views(name_shapes: Sequence[tuple[str, tuple[int, ...]]], flat: torch.Tensor) -> tuple[EncodedTensor, ...]:
@@ -198,10 +240,19 @@ def dense_views(name_shapes: Sequence[tuple[str, tuple[int, ...]]], flat: torch.
     sizes = [numel_of(shape) for _, shape in name_shapes]
     if sum(sizes) != flat.numel():
         raise InvalidRequest(f"{flat.numel()} values for tensors of {sum(sizes)} elements")
-    return tuple(
-        EncodedTensor(name=name, shape=shape, layout=Layout.DENSE, values=part)
-        for (name, shape), part in zip(name_shapes, flat.split(sizes))
+    if not name_shapes or flat.dtype not in FLOAT_DTYPES or flat.dim() != 1 or not flat.is_contiguous():
+        return tuple(
+            EncodedTensor(name=name, shape=shape, layout=Layout.DENSE, values=part)
+            for (name, shape), part in zip(name_shapes, flat.split(sizes))
+        )
+    # Checked once above for all of them (1-D contiguous floats, sizes adding up): each
+    # slice is a 1-D contiguous float tensor of its shape's size.
+    tensors = tuple(
+        EncodedTensor._dense_view(name, shape, part) for (name, shape), part in zip(name_shapes, flat.split(sizes))
     )
+    views = DenseViews(tensors)
+    views.flat = flat
+    return views
 
 
 def dense(name: str, tensor: torch.Tensor, dtype: torch.dtype = torch.float32) -> EncodedTensor:

@@ -26,6 +26,7 @@ from gradhub.encoded import (
     EncodedTensor,
     Layout,
     dense_views,
+    flat_values,
     numel_of,
 )
 from gradhub.errors import InvalidRequest, PayloadTooLarge
@@ -147,6 +148,9 @@ def _as_bytes(part: torch.Tensor) -> memoryview:
 
 def _segments(tensors: Sequence[EncodedTensor]) -> list[memoryview]:
     """Byte views of the payload's parts, in order (indices, scales, values), without copying."""
+    whole = flat_values(tensors)
+    if whole is not None:  # dense values back to back: one part
+        return [_as_bytes(whole)] if whole.numel() else []
     views: list[memoryview] = []
     for tensor in tensors:
         if tensor.indices is not None:

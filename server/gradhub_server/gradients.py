@@ -67,6 +67,16 @@ class StepSums:
     def __init__(self) -> None:
         self._total: torch.Tensor | None = None
         self._cast: torch.Tensor | None = None
+        #: Views of `_total` in the parameters' shapes, made once (per-call overhead on a small model).
+        self._views: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+
+    def mean_views(self, flats: Sequence[torch.Tensor], shapes: Sequence[torch.Size]) -> list[Gradient]:
+        """`mean`, as views in the parameters' shapes."""
+        total = self.mean(flats)
+        if self._views is None or self._views[0] is not total or [v.shape for v in self._views[1]] != list(shapes):
+            parts = total.split([math.prod(s) for s in shapes])
+            self._views = (total, [part.view(shape) for part, shape in zip(parts, shapes)])
+        return list(self._views[1])
 
     def mean(self, flats: Sequence[torch.Tensor]) -> torch.Tensor:
         """The mean of `flats` (same length, any float type) in fp32, summed in the given
@@ -127,6 +137,5 @@ def mean_of(submissions: Sequence[Submission], shapes: Sequence[torch.Size], sum
     parameter by parameter."""
     flats = [s.flat for s in submissions]
     if all(flat is not None for flat in flats):
-        total = sums.mean([flat for flat in flats if flat is not None])
-        return [part.view(shape) for part, shape in zip(total.split([math.prod(s) for s in shapes]), shapes)]
+        return sums.mean_views([flat for flat in flats if flat is not None], shapes)
     return mean_gradient([s.gradient for s in submissions], shapes)

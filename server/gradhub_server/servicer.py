@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import torch
@@ -25,25 +25,53 @@ def _wait_budget(context: grpc.ServicerContext) -> float | None:
 
 
 class _PullStreams:
-    """Pull streams of the newest version, built once and sent to every puller."""
+    """Pull streams of the newest version, built once and sent to every puller.
 
-    def __init__(self) -> None:
+    In sync mode every worker asks for the new version at the same instant; without
+    single-flight each handler would miss the cache and encode the whole model again,
+    doubling the server's CPU per step on a small machine. The first caller builds; the
+    others wait on its event and read the cache."""
+
+    def __init__(
+        self,
+        build: Callable[[ParameterSnapshot], list[bytes]] = wire.pull_stream,
+        on_wait: Callable[[], None] | None = None,
+    ) -> None:
+        self._build = build
+        self._on_wait = on_wait  # called as a caller starts waiting for another's build
         self._lock = threading.Lock()
         self._cache: dict[tuple[int, torch.dtype, bool, int | None], tuple[list[bytes], int]] = {}
+        self._building: dict[tuple[int, torch.dtype, bool, int | None], threading.Event] = {}
 
     def get(self, snapshot: ParameterSnapshot, dtype: torch.dtype) -> tuple[list[bytes], int]:
         key = (snapshot.version, dtype, snapshot.finished, snapshot.delta_from)
-        with self._lock:
-            hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        messages = wire.pull_stream(snapshot)
-        entry = (messages, sum(wire.framed_size(m) for m in messages))
-        with self._lock:
-            if any(k[0] != snapshot.version for k in self._cache):
-                self._cache = {k: v for k, v in self._cache.items() if k[0] == snapshot.version}
-            self._cache[key] = entry
-        return entry
+        while True:
+            with self._lock:
+                hit = self._cache.get(key)
+                if hit is not None:
+                    return hit
+                pending = self._building.get(key)
+                if pending is None:
+                    done = threading.Event()
+                    self._building[key] = done
+                    break
+            if self._on_wait is not None:
+                self._on_wait()
+            # Bounded by one build of the stream (a few ms to a second for large models);
+            # if the builder failed, the loop makes this caller the next builder.
+            pending.wait()
+        try:
+            messages = self._build(snapshot)
+            entry = (messages, sum(wire.framed_size(m) for m in messages))
+            with self._lock:
+                if any(k[0] != snapshot.version for k in self._cache):
+                    self._cache = {k: v for k, v in self._cache.items() if k[0] == snapshot.version}
+                self._cache[key] = entry
+            return entry
+        finally:
+            with self._lock:
+                del self._building[key]
+            done.set()
 
 
 class ParameterServerServicer:

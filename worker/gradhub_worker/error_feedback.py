@@ -83,7 +83,7 @@ class ErrorFeedback:
         gradients: Sequence[tuple[str, torch.Tensor]],
         parameters: Sequence[torch.Tensor] | None = None,
         version: int = 0,
-    ) -> list[EncodedTensor]:
+    ) -> Sequence[EncodedTensor]:
         """Encode one step's gradients (with the parameters they came from, for weight decay)."""
         options = self.options
         codec = self.codec_at(version)
@@ -125,7 +125,9 @@ class ErrorFeedback:
             encoded.append(sent)
         return encoded
 
-    def _encode_model(self, codec: DenseCodec, gradients: Sequence[tuple[str, torch.Tensor]]) -> list[EncodedTensor]:
+    def _encode_model(
+        self, codec: DenseCodec, gradients: Sequence[tuple[str, torch.Tensor]]
+    ) -> Sequence[EncodedTensor]:
         """A dense codec over the whole model at once: the same arithmetic as tensor by
         tensor (contribution + residual, encode, keep the remainder), on one flat tensor,
         whose residual stays one flat tensor until something asks for it by name."""
@@ -153,7 +155,7 @@ class ErrorFeedback:
             # Widened on the gradient's device: the bus carries the wire's bytes.
             self._flat_residual = accumulated.sub_(to_device(values, accumulated.device, torch.float32))
             self._flat_names, self._flat_shapes = names, shapes
-        return list(sent)
+        return sent
 
     def _flat_views(self) -> dict[str, torch.Tensor]:
         if self._flat_residual is None:

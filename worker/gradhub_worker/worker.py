@@ -12,7 +12,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -421,7 +421,7 @@ class Worker:
         return self._pull(client, 0)
 
     def _step(
-        self, client: ParameterClient, meta: PushMeta, encoded: list[EncodedTensor],
+        self, client: ParameterClient, meta: PushMeta, encoded: Sequence[EncodedTensor],
         feedback: ErrorFeedback, keeper: LeaseKeeper, config: RunConfig,
     ) -> ParameterSnapshot:
         """Push and receive the next parameters in one call; a refused push goes back to the
@@ -457,7 +457,7 @@ class Worker:
         return self._pull(client, 0)
 
     def _push_until_answered(
-        self, client: ParameterClient, meta: PushMeta, encoded: list[EncodedTensor]
+        self, client: ParameterClient, meta: PushMeta, encoded: Sequence[EncodedTensor]
     ) -> tuple[PushResult, ParameterSnapshot | None]:
         """Send the push until the server answers it, always under the same sequence number.
 
