@@ -85,6 +85,8 @@ def test_overhead_suite_times_a_local_step_and_a_real_clusters_step_per_run(tmp_
         assert 0 < row["local_step_ms"] < row["cluster_step_ms"]
         assert row["overhead_ms"] == pytest.approx(row["cluster_step_ms"] - row["local_step_ms"])
         assert (tmp_path / "runs" / f"overhead-cnn-2w-{row['run']}" / "summary.json").exists()
+        # Linux has /proc/stat: the share of CPU the host took from this machine is stated.
+        assert row["cpu_steal"] is not None and 0.0 <= row["cpu_steal"] <= 1.0
     assert "| median |" in (tmp_path / "overhead.md").read_text()
 
 

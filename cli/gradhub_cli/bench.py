@@ -190,7 +190,7 @@ def bench_wire(args: argparse.Namespace) -> None:
 def bench_overhead(args: argparse.Namespace) -> None:
     """Each run: a local step, then a real cluster; the machine's speed drifts between runs
     (by a third within an hour here), so each overhead is against its own local step."""
-    from gradhub_cli.bench_wire import cluster_step_ms, local_step_ms
+    from gradhub_cli.bench_wire import StealMeter, cluster_step_ms, local_step_ms
 
     rows = []
     for run in range(1, args.runs + 1):
@@ -199,22 +199,26 @@ def bench_overhead(args: argparse.Namespace) -> None:
         command = [sys.executable, "-m", "gradhub_cli", "run", "--mode", "sync", "--workers", str(args.workers),
                    "--model", args.model, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
                    "--eval-every", str(args.steps), "--out", str(run_dir), "--no-progress", *args.extra]
+        steal = StealMeter()
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise SystemExit(f"run failed:\n{result.stderr[-2000:]}")
         step = cluster_step_ms(run_dir / "metrics.jsonl")
         rows.append({"run": run, "model": args.model, "batch_size": args.batch_size, "workers": args.workers,
                      "local_step_ms": local, "cluster_step_ms": step, "overhead_ms": step - local,
-                     "command": " ".join(command[3:])})
+                     "cpu_steal": steal.share(), "command": " ".join(command[3:])})
     lines = [f"{args.model}, batch {args.batch_size}: a {args.workers}-worker sync step of a real cluster "
              "against one local training step (forward, backward, SGD) on one thread, measured just before it", "",
-             "| run | local step | cluster step (sync) | overhead per step |", "|---|---|---|---|"]
+             "| run | local step | cluster step (sync) | overhead per step | CPU stolen by the host during the run |",
+             "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['local_step_ms']:.2f} ms | {r['cluster_step_ms']:.2f} ms | {r['overhead_ms']:.2f} ms |")
+        stolen = "—" if r["cpu_steal"] is None else f"{100 * r['cpu_steal']:.1f} %"
+        lines.append(f"| {r['run']} | {r['local_step_ms']:.2f} ms | {r['cluster_step_ms']:.2f} ms | "
+                     f"{r['overhead_ms']:.2f} ms | {stolen} |")
     if len(rows) > 1:
         median = {k: statistics.median(r[k] for r in rows) for k in ("local_step_ms", "cluster_step_ms", "overhead_ms")}
         lines.append(f"| median | {median['local_step_ms']:.2f} ms | {median['cluster_step_ms']:.2f} ms | "
-                     f"{median['overhead_ms']:.2f} ms |")
+                     f"{median['overhead_ms']:.2f} ms | |")
     _write(args.out, "overhead", rows, "\n".join(lines), vars_json(args))
 
 

@@ -364,6 +364,31 @@ def _x(value: float, digits: int) -> str:
 # --- the cluster's per-step overhead ---------------------------------------------------------
 
 
+class StealMeter:
+    """The share of CPU time the hypervisor gave to other machines (`steal` in /proc/stat)
+    since it was made: on a shared virtual machine a run can be slower throughout for
+    reasons outside it, and this says so next to its figure. None where there is no
+    /proc/stat."""
+
+    def __init__(self) -> None:
+        self._start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[int, int] | None:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        steal = fields[7] if len(fields) > 7 else 0
+        return steal, sum(fields[:8])
+
+    def share(self) -> float | None:
+        end = self._read()
+        if self._start is None or end is None or end[1] <= self._start[1]:
+            return None
+        return (end[0] - self._start[0]) / (end[1] - self._start[1])
+
+
 def local_step_ms(model_name: str, batch_size: int, repeats: int) -> float:
     """Median ms of one training step in one process on one thread: forward, loss, backward,
     SGD step, on a batch of MNIST-1D's shape: what a worker does without a cluster."""

@@ -190,7 +190,7 @@ class ParameterStore:
         reach back that far. Per parameter, the changed coordinates with their current
         values, or the whole parameter when that is no larger; when every parameter goes
         whole, the shared full snapshot (dense pushes change everything every version)."""
-        itemsize = torch.empty(0, dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         with self._lock:
             # Changes and values are read under one lock: a version applied in between
             # would otherwise be claimed without its coordinates.
@@ -201,6 +201,8 @@ class ParameterStore:
             changes = self._changed_since_locked(have_version)
             if changes is None:
                 return None
+            if all(indices is None for indices in changes):  # dense updates since: all of it
+                return self._snapshot_locked(dtype)
             whole = [
                 indices is None or indices.numel() * (itemsize + 2) >= param.numel() * itemsize
                 for (_, param), indices in zip(self._named, changes)
