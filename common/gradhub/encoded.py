@@ -246,9 +246,10 @@ def dense_views(name_shapes: Sequence[tuple[str, tuple[int, ...]]], flat: torch.
             for (name, shape), part in zip(name_shapes, flat.split(sizes))
         )
     # Checked once above for all of them (1-D contiguous floats, sizes adding up): each
-    # slice is a 1-D contiguous float tensor of its shape's size.
+    # slice is a 1-D contiguous float tensor of its shape's size. split_with_sizes, not
+    # split: the same views without torch's Python wrapper (3.8 against 6.7 µs here).
     tensors = tuple(
-        EncodedTensor._dense_view(name, shape, part) for (name, shape), part in zip(name_shapes, flat.split(sizes))
+        EncodedTensor._dense_view(name, shape, part) for (name, shape), part in zip(name_shapes, flat.split_with_sizes(sizes))
     )
     views = DenseViews(tensors)
     views.flat = flat
