@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from gradhub import auth
+from gradhub import auth, cpu_affinity
 from gradhub.config import RunConfig
 from gradhub.coordination import RunCoordinator
 from gradhub.data import load_dataset
@@ -109,6 +109,9 @@ class LaunchSettings:
     extra_env: dict[str, str] = field(default_factory=dict)
     #: Extra flags for every worker (e.g. --device cpu).
     worker_args: list[str] = field(default_factory=list)
+    #: Each worker on CPUs of its own (gradhub.cpu_affinity): on, off, or auto (on when
+    #: every worker's share of cores fits in the CPUs this process may use).
+    pin_workers: str = "auto"
 
 
 class LocalCluster:
@@ -140,6 +143,20 @@ class LocalCluster:
         env.setdefault(auth.ENV_VAR, auth.new_token())
         env.setdefault("OMP_NUM_THREADS", str(self._torch_threads()))
         return env
+
+    def _worker_cpus(self) -> list[frozenset[int]] | None:
+        """Each worker's CPUs, or None to leave placement to the kernel."""
+        if self.settings.pin_workers == "off":
+            return None
+        allowed = cpu_affinity.allowed_cpus()
+        sets = cpu_affinity.worker_cpu_sets(self.config.workers, self._torch_threads(), allowed)
+        if sets is None and self.settings.pin_workers == "on":
+            if allowed is None:
+                raise LaunchError("--pin-workers on: this OS does not let a process choose its CPUs")
+            # More workers than cores: they share, round robin, each still on one place.
+            ordered = sorted(allowed)
+            sets = [frozenset({ordered[rank % len(ordered)]}) for rank in range(self.config.workers)]
+        return sets
 
     def _common_args(self) -> list[str]:
         args = ["--redis-url", str(self.redis_url), "--run-id", self.config.run_id,
@@ -178,10 +195,12 @@ class LocalCluster:
             )
             self.components.append(server)
             server.start(env)
+            cpus = self._worker_cpus()
             for rank in range(self.config.workers):
+                pin = ["--cpus", cpu_affinity.format_cpu_list(cpus[rank])] if cpus else []
                 worker = Component(
                     f"worker-{rank}",
-                    [sys.executable, "-m", "gradhub_worker", *self._common_args(),
+                    [sys.executable, "-m", "gradhub_worker", *self._common_args(), *pin,
                      *self.settings.worker_args],
                     out / "logs" / f"worker-{rank}.log",
                 )

@@ -49,6 +49,9 @@ def _run_parser() -> argparse.ArgumentParser:
                         help="restarts allowed per crashed worker before the run is stopped")
     parser.add_argument("--device", help="worker device: auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--loader-workers", type=int, help="DataLoader worker processes per worker")
+    parser.add_argument("--pin-workers", choices=["auto", "on", "off"], default="auto",
+                        help="each worker on CPUs of its own (Linux). auto: when every worker's share "
+                        "of cores fits in this machine's (default)")
     parser.add_argument("--no-progress", action="store_true", help="no progress line")
     add_run_config_arguments(parser)
     apply_env_defaults(parser)
@@ -96,7 +99,7 @@ def cmd_run(argv: list[str]) -> int:
         cluster = LocalCluster(
             LaunchSettings(config=config, out=out, redis_url=args.redis_url, cache_dir=args.cache_dir,
                            progress=not args.no_progress, max_restarts=args.max_restarts,
-                           worker_args=worker_args)
+                           worker_args=worker_args, pin_workers=args.pin_workers)
         )
         summary = cluster.run()
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ from gradhub import memory
 from gradhub.auth import load_token
 from gradhub.config import apply_env_defaults
 from gradhub.coordination import RunCoordinator, connect, list_runs
+from gradhub.cpu_affinity import parse_cpu_list, pin_to
 from gradhub.errors import GradhubError
 from gradhub.logs import set_torch_threads, setup_logging
 from gradhub.retry import wait_for
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--give-up-after", type=float, default=60.0,
                         help="exit after this many seconds without reaching the server")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+    parser.add_argument("--cpus", type=parse_cpu_list, default=None,
+                        help="run on these CPUs only, e.g. 0-3,6 (Linux; default: wherever the kernel puts it)")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
     apply_env_defaults(parser)
     return parser
@@ -64,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging("worker", args.log_level)
+    if args.cpus is not None:
+        try:
+            pin_to(args.cpus)  # before torch and gRPC start threads: they inherit it
+        except GradhubError as exc:
+            log.error("%s", exc)
+            return 2
     set_torch_threads(args.torch_threads)
     memory.keep_freed_memory()  # every step moves the same sizes: reuse, do not re-fault
 
