@@ -90,7 +90,6 @@ class ParameterStore:
         self._named = [(name, p) for name, p in model.named_parameters()]
         self._shapes = {name: tuple(p.shape) for name, p in self._named}
         self._numel = sum(p.numel() for _, p in self._named)
-        self._sizes = [p.numel() for _, p in self._named]
         self._name_shapes = [(name, tuple(p.shape)) for name, p in self._named]
         self._version = 0
         self._lock = threading.Lock()
