@@ -16,7 +16,9 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,18 +75,27 @@ class Component:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
 
-    def wait(self, timeout: float) -> int | None:
+    def wait(self, timeout: float, between: Callable[[], None] | None = None) -> int | None:
+        """The exit code, or None if still running after `timeout`; `between` runs every
+        poll interval (it may raise to stop waiting)."""
         if self.process is None:
             return None
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.process.wait(min(POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    return None
+            if between is not None:
+                between()
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
-            self.process.wait()
+            # Bounded: SIGKILL cannot be ignored, and a wait that never ends is a hang.
+            if self.wait(TERMINATE_TIMEOUT_S) is None:
+                log.warning("%s (pid %d) did not exit after SIGKILL", self.name, self.process.pid)
 
     def close_log(self) -> None:
         if self.log_file is not None:
@@ -122,6 +133,21 @@ class LocalCluster:
         self.components: list[Component] = []
         self.redis_url: str | None = None
         self._progress = ProgressLine(self.stream) if settings.progress else None
+        self._interrupted = threading.Event()
+        self._supervising = False
+
+    def interrupt(self) -> bool:
+        """Ask a supervising cluster to stop; False when it is not supervising (starting up,
+        or already stopping), where the caller interrupts the old way.
+
+        Why not raise KeyboardInterrupt from the signal handler? It can land between
+        `Popen`'s non-blocking acquire of its waitpid lock and the `try` that releases it,
+        and every later `wait()` on that child then blocks forever: a Ctrl-C that hangs the
+        launcher. The supervise loop checks this flag between polls, where no lock is held."""
+        if not self._supervising:
+            return False
+        self._interrupted.set()
+        return True
 
     def _say(self, text: str) -> None:
         if self._progress is not None:
@@ -206,8 +232,16 @@ class LocalCluster:
                 )
                 self.components.append(worker)
                 worker.start(env)
-            self._supervise(server, coordinator, env)
+            self._supervising = True
+            try:
+                self._supervise(server, coordinator, env)
+            finally:
+                self._supervising = False
         return self._read_summary()
+
+    def _check_interrupted(self) -> None:
+        if self._interrupted.is_set():
+            raise KeyboardInterrupt
 
     def _supervise(self, server: Component, coordinator: RunCoordinator, env: dict[str, str]) -> None:
         status: dict[str, Any] | None = None
@@ -232,7 +266,8 @@ class LocalCluster:
                 self._say(f"metrics (Prometheus): {status['metrics_url']}")
             if status is not None and self._progress is not None:
                 self._progress.update(format_status(status, self.config.workers), key=status.get("version"))
-            time.sleep(POLL_INTERVAL_S)
+            if self._interrupted.wait(POLL_INTERVAL_S):
+                raise KeyboardInterrupt
         if self._progress is not None:
             try:
                 status = coordinator.read_status() or status
@@ -244,7 +279,7 @@ class LocalCluster:
                 self._progress.finish(format_status(status, self.config.workers), key=status.get("version"))
         deadline = time.monotonic() + WORKER_EXIT_TIMEOUT_S
         for worker in self.components[1:]:
-            code = worker.wait(max(0.0, deadline - time.monotonic()))
+            code = worker.wait(max(0.0, deadline - time.monotonic()), self._check_interrupted)
             if code is None:
                 self._say(f"{worker.name} did not exit after the run finished; stopping it")
 

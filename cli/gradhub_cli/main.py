@@ -20,11 +20,16 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from gradhub.errors import GradhubError
 from gradhub.logs import setup_logging
+
+if TYPE_CHECKING:
+    from gradhub_cli.launcher import LocalCluster
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +75,15 @@ def _status_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
+def _interrupt_cluster(cluster: list[LocalCluster]) -> Callable[[int, FrameType | None], None]:
+    """Ctrl-C and SIGTERM for `gradhub run`: a supervising cluster stops at its next poll
+    (see LocalCluster.interrupt); before that, or at a second signal, KeyboardInterrupt."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if not (cluster and cluster[0].interrupt()):
+            raise KeyboardInterrupt
+
+    return handler
 
 
 def cmd_run(argv: list[str]) -> int:
@@ -81,7 +93,9 @@ def cmd_run(argv: list[str]) -> int:
     args = _run_parser().parse_args(argv)
     setup_logging("run", "WARNING")
     # SIGTERM takes Ctrl-C's path: every process stopped, results written, Redis removed.
-    signal.signal(signal.SIGTERM, _interrupt)
+    running: list[LocalCluster] = []
+    signal.signal(signal.SIGTERM, _interrupt_cluster(running))
+    signal.signal(signal.SIGINT, _interrupt_cluster(running))
     try:
         config = run_config_from_args(args, args.run_id)
         # Fail here, not in N processes, on a bad model or codec name.
@@ -101,6 +115,7 @@ def cmd_run(argv: list[str]) -> int:
                            progress=not args.no_progress, max_restarts=args.max_restarts,
                            worker_args=worker_args, pin_workers=args.pin_workers)
         )
+        running.append(cluster)
         summary = cluster.run()
     except KeyboardInterrupt:
         print("\ninterrupted: every process stopped; partial results (if any) in the run folder",
