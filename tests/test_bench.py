@@ -75,6 +75,24 @@ def test_wire_suite_measures_a_real_cluster_beside_raw_tcp_and_gloo(tmp_path: Pa
     assert dense["push_pull_speedup_vs_dense"] == 1.0
 
 
+def test_shards_suite_steps_against_every_shard_and_stops_them(tmp_path: Path):
+    bench("shards", "--parameters", "200000", "--shards", "1", "2", "--repeats", "2", "--rounds", "2",
+          "--out", str(tmp_path))
+    measured = rows(tmp_path, "shards")
+    # Two rounds, the second in reverse order: 1, 2, then 2, 1.
+    assert [(r["round"], r["shards"]) for r in measured] == [(1, 1), (1, 2), (2, 2), (2, 1)]
+    for row in measured:
+        assert row["parameters_per_shard"] == 200_000 // row["shards"]
+        assert row["push_pull_ms"] > 0 and row["gloo_allreduce_ms"] > 0
+        assert row["push_pull_vs_gloo"] == pytest.approx(row["push_pull_ms"] / row["gloo_allreduce_ms"])
+        # CPU read from the servers' and workers' own counters while they stepped.
+        assert row["server_cpu_ms_per_step"] > 0 and row["worker_cpu_ms_per_step"] > 0
+    assert "| 2 | 2 |" in (tmp_path / "shards.md").read_text()
+    # Every server of every cell is gone.
+    left = subprocess.run(["pgrep", "-f", "run-id bench-shards-"], capture_output=True, text=True)
+    assert left.stdout == ""
+
+
 def test_overhead_suite_times_a_local_step_and_a_real_clusters_step_per_run(tmp_path: Path):
     # 1,000 steps: a few seconds, so several once-a-second metrics records to time steps by.
     bench("overhead", "--steps", "1000", "--repeats", "50", "--runs", "2", "--out", str(tmp_path))

@@ -11,6 +11,8 @@ Suites:
   indices  index encodings (raw, delta-varint, bitmap): bytes per index and time, by density
   wire     push, pull and push+pull against a real server by model size, workers and codec,
            beside raw loopback TCP moving the same bytes and a gloo all_reduce (ratios)
+  shards   a sync push+pull against S servers of parameters/S each (what partitioning the
+           parameters across server processes would give), with the CPU each side used
   overhead a real cluster's sync step against a local training step of the same batch
   overlap  async training without and with --overlap (the next gradient computed while
            the last push is in flight): pushes/s, staleness, accuracy, time to a target
@@ -229,6 +231,13 @@ def bench_overlap(args: argparse.Namespace) -> None:
     _write(args.out, "overlap", rows, table, vars_json(args))
 
 
+def bench_shards(args: argparse.Namespace) -> None:
+    from gradhub_cli import bench_shards as shards_suite
+
+    rows, table = shards_suite.bench_shards(args)
+    _write(args.out, "shards", rows, table, vars_json(args))
+
+
 def bench_transfer(args: argparse.Namespace) -> None:
     from gradhub_cli import bench_transfer as transfer_suite
 
@@ -285,6 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
     wire.add_argument("--repeats", type=int, default=5)
     wire.set_defaults(func=bench_wire)
 
+    shards = suites.add_parser("shards", help="a sync push+pull against S servers of parameters/S each")
+    shards.add_argument("--parameters", type=int, default=25_000_000, help="the whole model's parameters")
+    shards.add_argument("--workers", type=int, default=2)
+    shards.add_argument("--codec", default="fp16")
+    shards.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
+    shards.add_argument("--repeats", type=int, default=7, help="timed steps per cell")
+    shards.add_argument("--rounds", type=int, default=2, help="passes over the shard counts, alternating the order")
+    shards.set_defaults(func=bench_shards)
+
     overhead = suites.add_parser("overhead", help="a cluster's sync step against a local training step")
     overhead.add_argument("--model", default="cnn")
     overhead.add_argument("--batch-size", type=int, default=50)
@@ -317,14 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--repeats", type=int, default=9)
     transfer.set_defaults(func=bench_transfer)
 
-    for sub in (codecs, topk, apply, indices, wire, overhead, overlap, transfer):
+    for sub in (codecs, topk, apply, indices, wire, shards, overhead, overlap, transfer):
         sub.add_argument("--out", type=Path, default=Path("bench"), help="folder for the JSON and table")
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if args.suite not in ("codecs", "wire", "overhead", "overlap"):
+    if args.suite not in ("codecs", "wire", "shards", "overhead", "overlap"):
         torch.set_num_threads(1)  # one core, as a server thread has
     args.func(args)
     return 0

@@ -47,7 +47,7 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _collect(results: Any, processes: list[Any], timeout: float) -> list[Any]:
+def collect_results(results: Any, processes: list[Any], timeout: float) -> list[Any]:
     """One result per process; a process that died without one is an error, not a hang."""
     import queue
 
@@ -147,7 +147,7 @@ def gloo_allreduce_seconds(numel: int, world: int, repeats: int) -> float:
     for process in ranks:
         process.start()
     try:
-        per_rank = dict(_collect(results, ranks, 600))
+        per_rank = dict(collect_results(results, ranks, 600))
     finally:
         for process in ranks:
             process.join(timeout=30)
@@ -238,7 +238,8 @@ def _worker(rank: int, cell: Cell, redis_url: str, run_id: str, address: str, ba
 
 
 @contextlib.contextmanager
-def _server(cell: Cell, redis_url: str, run_id: str, out: Path) -> Iterator[str]:
+def sync_server(cell: Cell, redis_url: str, run_id: str, out: Path) -> Iterator[tuple[str, int]]:
+    """A sync `gradhub server` for the cell's model: its address and pid while it runs."""
     from gradhub.config import RunConfig
     from gradhub.coordination import RunCoordinator
 
@@ -254,7 +255,7 @@ def _server(cell: Cell, redis_url: str, run_id: str, out: Path) -> Iterator[str]
          "--log-level", "WARNING"],
     )
     try:
-        yield coordinator.wait_server(120)
+        yield coordinator.wait_server(120), server.pid
     finally:
         server.terminate()
         try:
@@ -269,13 +270,13 @@ def measure_cell(cell: Cell, redis_url: str, scratch: Path) -> dict[str, Any]:
     context = mp.get_context("spawn")
     barrier = context.Barrier(cell.workers)
     results = context.Queue()
-    with _server(cell, redis_url, run_id, scratch / run_id) as address:
+    with sync_server(cell, redis_url, run_id, scratch / run_id) as (address, _):
         workers = [context.Process(target=_worker, args=(r, cell, redis_url, run_id, address, barrier, results),
                                    daemon=True) for r in range(cell.workers)]
         for process in workers:
             process.start()
         try:
-            collected = {rank: (timings, sizes) for rank, timings, sizes in _collect(results, workers, 1800)}
+            collected = {rank: (timings, sizes) for rank, timings, sizes in collect_results(results, workers, 1800)}
         finally:
             for process in workers:
                 process.join(timeout=60)
