@@ -76,13 +76,14 @@ def test_wire_suite_measures_a_real_cluster_beside_raw_tcp_and_gloo(tmp_path: Pa
 
 
 def test_shards_suite_steps_against_every_shard_and_stops_them(tmp_path: Path):
-    bench("shards", "--parameters", "200000", "--shards", "1", "2", "--repeats", "2", "--rounds", "2",
+    # Big enough that the servers' CPU spans several of /proc's 10 ms ticks.
+    bench("shards", "--parameters", "400000", "--shards", "1", "2", "--repeats", "12", "--rounds", "2",
           "--out", str(tmp_path))
     measured = rows(tmp_path, "shards")
     # Two rounds, the second in reverse order: 1, 2, then 2, 1.
     assert [(r["round"], r["shards"]) for r in measured] == [(1, 1), (1, 2), (2, 2), (2, 1)]
     for row in measured:
-        assert row["parameters_per_shard"] == 200_000 // row["shards"]
+        assert row["parameters_per_shard"] == 400_000 // row["shards"]
         assert row["push_pull_ms"] > 0 and row["gloo_allreduce_ms"] > 0
         assert row["push_pull_vs_gloo"] == pytest.approx(row["push_pull_ms"] / row["gloo_allreduce_ms"])
         # CPU read from the servers' and workers' own counters while they stepped.

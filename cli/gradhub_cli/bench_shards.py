@@ -32,7 +32,14 @@ from typing import Any
 
 import torch
 
-from gradhub_cli.bench_wire import Cell, collect_results, gloo_allreduce_seconds, sync_server
+from gradhub_cli.bench_wire import (
+    Cell,
+    collect_results,
+    format_ms,
+    format_ratio,
+    gloo_allreduce_seconds,
+    sync_server,
+)
 
 #: How long a cell may take, start-up included, before the suite gives up on it.
 CELL_TIMEOUT_S = 1800.0
@@ -198,8 +205,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     ]
     for r in sorted(rows, key=lambda r: (r["shards"], r["round"])):
         lines.append(
-            f"| {r['shards']} | {r['round']} | {r['push_pull_ms']:.1f} ms | {r['gloo_allreduce_ms']:.1f} ms | "
-            f"{r['push_pull_vs_gloo']:.2f}x | {r['server_cpu_ms_per_step']:.0f} ms | {r['server_cores_busy']:.2f} | "
+            f"| {r['shards']} | {r['round']} | {r['push_pull_ms']:.1f} ms | {format_ms(r['gloo_allreduce_ms'])} | "
+            f"{format_ratio(r['push_pull_vs_gloo'], 2)} | {r['server_cpu_ms_per_step']:.0f} ms | {r['server_cores_busy']:.2f} | "
             f"{r['worker_cpu_ms_per_step']:.0f} ms |"
         )
     return "\n".join(lines)

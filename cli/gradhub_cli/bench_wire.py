@@ -348,17 +348,17 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['parameters'] / 1e6:g} M | {r['workers']} | {r['codec']} | {r['push_ms']:.1f} ms "
             f"| {r['push_gbps']:.2f} ({100 * r['push_of_raw']:.0f} %) | {r['pull_ms']:.1f} ms "
             f"| {r['pull_gbps']:.2f} ({100 * r['pull_of_raw']:.0f} %) | {r['push_pull_ms']:.1f} ms "
-            f"| {_ms(r['gloo_allreduce_ms'])} | {_x(r['push_pull_vs_gloo'], 2)} "
-            f"| {_x(speedup, 1)} |"
+            f"| {format_ms(r['gloo_allreduce_ms'])} | {format_ratio(r['push_pull_vs_gloo'], 2)} "
+            f"| {format_ratio(speedup, 1)} |"
         )
     return "\n".join(lines)
 
 
-def _ms(value: float) -> str:
+def format_ms(value: float) -> str:
     return "—" if math.isnan(value) else f"{value:.1f} ms"
 
 
-def _x(value: float, digits: int) -> str:
+def format_ratio(value: float, digits: int) -> str:
     return "—" if math.isnan(value) else f"{value:.{digits}f}x"
 
 
