@@ -69,11 +69,12 @@ def _worker(
     memory.keep_freed_memory()  # as gradhub's worker does
     worker_id = f"bench-{rank}"
     parts: list[dict[str, Any]] = []
+    leases: list[tuple[Any, Any]] = []
     try:
         for run_id, address in shards:
             coordinator = RunCoordinator.from_url(redis_url, run_id)
             config = coordinator.wait_config(60)
-            coordinator.register(worker_id, cell.workers, 3600.0, 60, rank)
+            leases.append((coordinator, coordinator.register(worker_id, cell.workers, 3600.0, 60, rank)))
             torch.manual_seed(rank)
             model = build_model(config.model, config.model_kwargs)
             codec = codec_from_name(cell.codec, seed=rank, dense_below=config.dense_below)
@@ -110,6 +111,8 @@ def _worker(
     finally:
         for part in parts:
             part["client"].close()
+        for coordinator, lease in leases:
+            coordinator.release(lease)
 
 
 def _wait_for_timed_steps(timing: Any, processes: list[Any], shards: int) -> None:
@@ -175,6 +178,8 @@ def usable_cores() -> int:
 def bench_shards(args: Any) -> tuple[list[dict[str, Any]], str]:
     from gradhub.redis_server import EmbeddedRedis
 
+    if args.repeats < 1 or args.rounds < 1 or min(args.shards) < 1 or args.workers < 1:
+        raise SystemExit("gradhub bench shards: --repeats, --rounds, --shards and --workers must be at least 1")
     rows: list[dict[str, Any]] = []
     gloo_ms = (1000 * gloo_allreduce_seconds(args.parameters, args.workers, args.repeats)
                if args.workers > 1 else math.nan)

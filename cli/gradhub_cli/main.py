@@ -77,7 +77,8 @@ def _status_parser() -> argparse.ArgumentParser:
 
 def _interrupt_cluster(cluster: list[LocalCluster]) -> Callable[[int, FrameType | None], None]:
     """Ctrl-C and SIGTERM for `gradhub run`: a supervising cluster stops at its next poll
-    (see LocalCluster.interrupt); before that, or at a second signal, KeyboardInterrupt."""
+    (see LocalCluster.interrupt); while it starts up, or once it is stopping (a second
+    Ctrl-C: hurry), KeyboardInterrupt at once."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         if not (cluster and cluster[0].interrupt()):
