@@ -11,6 +11,7 @@ from torch import nn
 from gradhub.domain import Push, PushMeta
 from gradhub.encoded import dense_views
 from gradhub.models import flatten_parameters
+from gradhub_server import gradients as gradients_module
 from gradhub_server.gradients import StepSums, Submission, mean_gradient, mean_of
 from gradhub_server.update_rules import SparseGradient, build_update_rule
 
@@ -97,7 +98,12 @@ def _flats(dtypes: list[torch.dtype], seed: int) -> list[torch.Tensor]:
     [torch.float32, torch.float32, torch.float32, torch.float32],
     [torch.float16],
 ])
-def test_a_sync_steps_mean_from_wire_values_equals_the_mean_of_fp32_gradients_bit_for_bit(dtypes):
+@pytest.mark.parametrize("block", [None, 64], ids=["one-block", "blocks"])
+def test_a_sync_steps_mean_from_wire_values_equals_the_mean_of_fp32_gradients_bit_for_bit(
+    dtypes, block, monkeypatch
+):
+    if block is not None:  # 1,000 elements in blocks of 64: 15 whole blocks and a partial one
+        monkeypatch.setattr(gradients_module, "MEAN_BLOCK", block)
     sums = StepSums()
     for seed in range(3):  # the buffers are reused: every step's mean must be its own
         flats = _flats(dtypes, seed)

@@ -57,6 +57,11 @@ class Submission:
         return to_gradients(self.push.tensors, self.flat)
 
 
+#: Elements per block of a large sync step's mean: a block in fp32 (1 MiB) and its
+#: conversion stay in cache (2^16 elements: 14.3 ms, 2^17: 12.6, 2^18: 11.6 for 2 x 25 M fp16).
+MEAN_BLOCK = 1 << 18
+
+
 class StepSums:
     """The fp32 buffers a sync step's mean is summed into, kept from step to step.
 
@@ -80,7 +85,12 @@ class StepSums:
 
     def mean(self, flats: Sequence[torch.Tensor]) -> torch.Tensor:
         """The mean of `flats` (same length, any float type) in fp32, summed in the given
-        order: the same additions as converting each to fp32 first, so the same result."""
+        order: the same additions as converting each to fp32 first, so the same result.
+
+        A large model's mean goes block by block (MEAN_BLOCK elements), so each block's
+        conversion and sum stay in cache rather than making four passes over memory:
+        11.6 against 19.1 ms for two fp16 pushes of 25 M, and a block-sized conversion
+        buffer instead of a model-sized one."""
         if len(flats) == 1 and flats[0].dtype == torch.float32:
             return flats[0]
         numel = flats[0].numel()
@@ -88,17 +98,29 @@ class StepSums:
             self._total = memory.empty(numel, torch.float32)
             self._cast = None
         total = self._total
-        total.copy_(flats[0])
-        for flat in flats[1:]:
-            if flat.dtype != torch.float32:
-                # add_ of another type would convert into a fresh temporary: convert here.
-                if self._cast is None:
-                    self._cast = memory.empty(numel, torch.float32)
-                flat = self._cast.copy_(flat)
-            total.add_(flat)
-        if len(flats) > 1:
-            total.div_(len(flats))
+        if self._cast is None and any(flat.dtype != torch.float32 for flat in flats[1:]):
+            self._cast = memory.empty(min(MEAN_BLOCK, numel), torch.float32)
+        cast = self._cast
+        if numel <= MEAN_BLOCK:  # one block: no slicing (a small model's step pays per call)
+            _sum_block(total, flats, cast)
+            return total
+        for start in range(0, numel, MEAN_BLOCK):
+            stop = min(start + MEAN_BLOCK, numel)
+            block_cast = cast if cast is None or stop - start == MEAN_BLOCK else cast[: stop - start]
+            _sum_block(total[start:stop], [flat[start:stop] for flat in flats], block_cast)
         return total
+
+
+def _sum_block(total: torch.Tensor, flats: Sequence[torch.Tensor], cast: torch.Tensor | None) -> None:
+    """total = mean(flats) in fp32; `cast` (total's size) holds each non-fp32 part converted."""
+    total.copy_(flats[0])
+    for flat in flats[1:]:
+        if flat.dtype != torch.float32 and cast is not None:
+            # add_ of another type would convert into a fresh temporary: convert here.
+            flat = cast.copy_(flat)
+        total.add_(flat)
+    if len(flats) > 1:
+        total.div_(len(flats))
 
 
 def mean_gradient(
