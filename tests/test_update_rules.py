@@ -12,6 +12,7 @@ from gradhub.domain import Push, PushMeta
 from gradhub.encoded import dense_views
 from gradhub.models import flatten_parameters
 from gradhub_server import gradients as gradients_module
+from gradhub_server import update_rules
 from gradhub_server.gradients import StepSums, Submission, mean_gradient, mean_of
 from gradhub_server.update_rules import SparseGradient, build_update_rule
 
@@ -137,15 +138,18 @@ def flattened(ps: list[nn.Parameter]) -> list[nn.Parameter]:
     return ps
 
 
-@pytest.mark.parametrize("flat", [False, True], ids=["separate", "one-buffer"])
+@pytest.mark.parametrize("flat", [False, True, "blocks"], ids=["separate", "one-buffer", "one-buffer-in-blocks"])
 @pytest.mark.parametrize("name", ["sgd", "adam"])
-def test_dense_steps_with_weight_decay_equal_torchs_optimizer_bit_for_bit(name, flat):
+def test_dense_steps_with_weight_decay_equal_torchs_optimizer_bit_for_bit(name, flat, monkeypatch):
     """The rule adds weight decay to the gradients in place and steps without it (no
-    model-sized copy per step), on one flat tensor when the parameters are one buffer:
-    the same arithmetic as torch's own step with decay."""
+    model-sized copy per step), on one flat tensor when the parameters are one buffer
+    (a large one block by block): the same arithmetic as torch's own step with decay."""
     ours, theirs = params(3), params(3)
     if flat:
         ours = flattened(ours)
+    if flat == "blocks":  # blocks of 7 elements: whole ones and a partial last one
+        monkeypatch.setattr(update_rules, "STEP_BLOCK", 7)
+        assert sum(p.numel() for p in ours) % 7
     rule = build_update_rule(name, ours, 0.05, 0.9, 5e-3)
     reference = (torch.optim.SGD(theirs, lr=0.05, momentum=0.9, weight_decay=5e-3, foreach=True) if name == "sgd"
                  else torch.optim.Adam(theirs, lr=0.05, weight_decay=5e-3, foreach=True))

@@ -115,6 +115,25 @@ class UpdateRule(ABC):
         """Update `param` at the gradient's coordinates only."""
 
 
+#: Elements per block of a large model's flat SGD step (2^18 fp32: 1 MiB per tensor). At
+#: 25 M with momentum: 15.2-16.4 against 18.3-20.0 ms with weight decay, 11.0-11.6 against
+#: 13.3-13.8 without.
+STEP_BLOCK = 1 << 18
+
+
+def _sgd_block(
+    gradient: torch.Tensor, params: torch.Tensor, buffer: torch.Tensor | None, momentum: float, decay: float,
+    lr: float,
+) -> None:
+    """torch's SGD (no dampening, no Nesterov) on flat tensors: decay into the gradient,
+    momentum, step; the gradient is overwritten."""
+    if decay:
+        gradient.add_(params, alpha=decay)
+    if buffer is not None:
+        gradient = buffer.mul_(momentum).add_(gradient)
+    params.add_(gradient, alpha=-lr)
+
+
 class SGDRule(UpdateRule):
     """SGD; a step where every parameter's gradient is dense runs on one flat tensor when
     the parameters lie back to back in one buffer (`models.flatten_parameters`, as the
@@ -150,12 +169,19 @@ class SGDRule(UpdateRule):
         flat = back_to_back(gradients)
         if flat is None:
             flat = torch.cat([g.reshape(-1) for g in gradients])
+        decay, lr = group["weight_decay"], group["lr"]
         with torch.no_grad():
-            if group["weight_decay"]:
-                flat.add_(flat_params, alpha=group["weight_decay"])
-            if buffer is not None:
-                flat = buffer.mul_(momentum).add_(flat)
-            flat_params.add_(flat, alpha=-group["lr"])
+            numel = flat.numel()
+            if numel <= STEP_BLOCK or not (decay or buffer is not None):
+                _sgd_block(flat, flat_params, buffer, momentum, decay, lr)
+                return
+            # A large model block by block: a block's gradient, momentum and parameters
+            # stay in cache through the three operations instead of making five passes
+            # over memory (the same elementwise arithmetic, so the same result).
+            for start in range(0, numel, STEP_BLOCK):
+                stop = min(start + STEP_BLOCK, numel)
+                _sgd_block(flat[start:stop], flat_params[start:stop],
+                           None if buffer is None else buffer[start:stop], momentum, decay, lr)
 
     def _params_back_to_back(self) -> torch.Tensor | None:
         """The parameters as one flat view, when they are one buffer (checked by address:
