@@ -32,10 +32,12 @@ def test_default_sync_run_with_two_workers_reaches_92_percent(tmp_path: Path):
     assert summary["staleness"]["max"] == 0
 
 
-def test_default_async_run_with_three_workers_reaches_92_percent_with_real_staleness(tmp_path: Path):
+def test_default_async_run_with_three_workers_reaches_90_percent_with_real_staleness(tmp_path: Path):
     summary = run_default(tmp_path / "async", "--mode", "async", "--workers", "3")
     assert summary["steps"] == 9000
-    assert summary["final_test_accuracy"] >= 0.92, summary
+    # Async applies pushes in the order they arrive, so runs differ: 9 default runs on
+    # 2026-11-23 ended at 91.6-94.7 % (two below 92 %, with this code and the code before).
+    assert summary["final_test_accuracy"] >= 0.90, summary
     assert summary["staleness"]["max"] >= 1
     assert summary["staleness"]["mean"] > 0
     assert sum(summary["staleness"]["histogram"].values()) == summary["pushes_applied"]
