@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -25,6 +24,7 @@ from typing import Any
 import pytest
 
 from conftest import wait_until
+from firewall import Firewall
 from gradhub_cli import cluster as gradhub_cluster
 from gradhub_cli import images
 
@@ -53,18 +53,12 @@ def _connect() -> Any | None:
         return None
 
 
-def _rules(saved: str) -> list[str]:
-    """iptables-save output without its comments and packet counters."""
-    return [re.sub(r"\[\d+:\d+\]", "", line) for line in saved.splitlines() if not line.startswith("#")]
-
-
 class StartedEngine:
     """A dockerd started by these tests, stopped by them, leaving the firewall as found."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.rules_before = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True,
-                                           timeout=30).stdout
+        self.firewall = Firewall()
         self.bridge_existed = Path("/sys/class/net/docker0").exists()
         self.ip_forward_before = IP_FORWARD.read_text()
         self.log = open(workdir / "dockerd.log", "wb")  # noqa: SIM115 (closed in stop)
@@ -94,12 +88,12 @@ class StartedEngine:
             self.process.kill()
             self.process.wait(timeout=10)
         self.log.close()
-        subprocess.run(["iptables-restore"], input=self.rules_before, text=True, check=True, timeout=30)
+        self.firewall.restore()
         IP_FORWARD.write_text(self.ip_forward_before)  # dockerd turns forwarding on
         if not self.bridge_existed and Path("/sys/class/net/docker0").exists():
             subprocess.run(["ip", "link", "delete", "docker0"], check=False, timeout=10)
-        after = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True, timeout=30).stdout
-        assert _rules(after) == _rules(self.rules_before), "the firewall differs from before the engine started"
+        differences = self.firewall.differences()
+        assert not differences, f"the firewall differs from before the engine started: {differences}"
 
 
 @pytest.fixture(scope="session")
