@@ -31,3 +31,12 @@ def test_large_tensors_from_empty_do_not_share_memory():
 
 def test_malloc_thresholds_are_raised_where_the_c_library_is_glibc():
     assert memory.keep_freed_memory() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+
+
+@pytest.mark.parametrize("numel", [0, 1, 6, 7, 8, 22])
+def test_cache_blocks_cover_every_element_once_in_order(numel, monkeypatch):
+    monkeypatch.setattr(memory, "CACHE_BLOCK_ELEMENTS", 7)
+    blocks = list(memory.cache_blocks(numel))
+    assert [i for start, stop in blocks for i in range(start, stop)] == list(range(numel))
+    assert all(0 < stop - start <= 7 for start, stop in blocks)
+    assert all(stop - start == 7 for start, stop in blocks[:-1])  # only the last may be partial

@@ -8,11 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from gradhub import memory
 from gradhub.domain import Push, PushMeta
 from gradhub.encoded import dense_views
 from gradhub.models import flatten_parameters
-from gradhub_server import gradients as gradients_module
-from gradhub_server import update_rules
 from gradhub_server.gradients import StepSums, Submission, mean_gradient, mean_of
 from gradhub_server.update_rules import SparseGradient, build_update_rule
 
@@ -104,7 +103,7 @@ def test_a_sync_steps_mean_from_wire_values_equals_the_mean_of_fp32_gradients_bi
     dtypes, block, monkeypatch
 ):
     if block is not None:  # 1,000 elements in blocks of 64: 15 whole blocks and a partial one
-        monkeypatch.setattr(gradients_module, "MEAN_BLOCK", block)
+        monkeypatch.setattr(memory, "CACHE_BLOCK_ELEMENTS", block)
     sums = StepSums()
     for seed in range(3):  # the buffers are reused: every step's mean must be its own
         flats = _flats(dtypes, seed)
@@ -148,7 +147,7 @@ def test_dense_steps_with_weight_decay_equal_torchs_optimizer_bit_for_bit(name, 
     if flat:
         ours = flattened(ours)
     if flat == "blocks":  # blocks of 7 elements: whole ones and a partial last one
-        monkeypatch.setattr(update_rules, "STEP_BLOCK", 7)
+        monkeypatch.setattr(memory, "CACHE_BLOCK_ELEMENTS", 7)
         assert sum(p.numel() for p in ours) % 7
     rule = build_update_rule(name, ours, 0.05, 0.9, 5e-3)
     reference = (torch.optim.SGD(theirs, lr=0.05, momentum=0.9, weight_decay=5e-3, foreach=True) if name == "sgd"

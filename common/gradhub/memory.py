@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Iterator
 
 import numpy
 import torch
@@ -31,6 +32,11 @@ MMAP_THRESHOLD_BYTES = 32 << 20
 TRIM_THRESHOLD_BYTES = 1 << 30
 #: Tensors from this size up are allocated by `empty` in huge pages (numpy's own limit).
 HUGE_PAGE_BYTES = 4 << 20
+#: Elements per block of a large model's elementwise passes (a sync step's mean, its SGD
+#: step): 2^18 fp32 is 1 MiB per tensor, so a block's operands stay in cache from one
+#: operation to the next. A bare mean of 2 x 25 M fp16 took 14.3 ms in blocks of 2^16,
+#: 12.6 of 2^17, 11.6 of 2^18.
+CACHE_BLOCK_ELEMENTS = 1 << 18
 
 # mallopt's parameter numbers (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -60,3 +66,15 @@ def empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
     if nbytes < HUGE_PAGE_BYTES:
         return torch.empty(numel, dtype=dtype)
     return torch.from_numpy(numpy.empty(nbytes, dtype=numpy.uint8)).view(dtype)
+
+
+def cache_blocks(numel: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) of each `CACHE_BLOCK_ELEMENTS` block of `numel` elements, the last one partial.
+
+    Doing several elementwise operations on one block before the next, rather than each
+    operation over the whole tensor, reads memory once instead of once per operation: the
+    same arithmetic element by element, so the same result.
+    """
+    block = CACHE_BLOCK_ELEMENTS
+    for start in range(0, numel, block):
+        yield start, min(start + block, numel)

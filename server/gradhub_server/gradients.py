@@ -57,12 +57,6 @@ class Submission:
         return to_gradients(self.push.tensors, self.flat)
 
 
-#: Elements per block of a large sync step's mean: a block in fp32 (1 MiB) and its
-#: conversion stay in cache (a bare loop over 2 x 25 M fp16 took 14.3 ms in blocks of 2^16,
-#: 12.6 of 2^17, 11.6 of 2^18).
-MEAN_BLOCK = 1 << 18
-
-
 class StepSums:
     """The fp32 buffers a sync step's mean is summed into, kept from step to step.
 
@@ -88,7 +82,7 @@ class StepSums:
         """The mean of `flats` (same length, any float type) in fp32, summed in the given
         order: the same additions as converting each to fp32 first, so the same result.
 
-        A large model's mean goes block by block (MEAN_BLOCK elements), so each block's
+        A large model's mean goes block by block (`memory.cache_blocks`), so each block's
         conversion and sum stay in cache rather than making four passes over memory:
         12.1 against 18.2-18.7 ms for two fp16 pushes of 25 M, and a block-sized conversion
         buffer instead of a model-sized one."""
@@ -99,15 +93,17 @@ class StepSums:
             self._total = memory.empty(numel, torch.float32)
             self._cast = None
         total = self._total
+        block = memory.CACHE_BLOCK_ELEMENTS
+        if self._cast is not None and self._cast.numel() != min(block, numel):
+            self._cast = None
         if self._cast is None and any(flat.dtype != torch.float32 for flat in flats[1:]):
-            self._cast = memory.empty(min(MEAN_BLOCK, numel), torch.float32)
+            self._cast = memory.empty(min(block, numel), torch.float32)
         cast = self._cast
-        if numel <= MEAN_BLOCK:  # one block: no slicing (a small model's step pays per call)
+        if numel <= block:  # one block: no slicing (a small model's step pays per call)
             _sum_block(total, flats, cast)
             return total
-        for start in range(0, numel, MEAN_BLOCK):
-            stop = min(start + MEAN_BLOCK, numel)
-            block_cast = cast if cast is None or stop - start == MEAN_BLOCK else cast[: stop - start]
+        for start, stop in memory.cache_blocks(numel):
+            block_cast = cast if cast is None or stop - start == block else cast[: stop - start]
             _sum_block(total[start:stop], [flat[start:stop] for flat in flats], block_cast)
         return total
 
