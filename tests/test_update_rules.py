@@ -12,6 +12,7 @@ from gradhub import memory
 from gradhub.domain import Push, PushMeta
 from gradhub.encoded import dense_views
 from gradhub.models import flatten_parameters
+from gradhub_server import update_rules
 from gradhub_server.gradients import StepSums, Submission, mean_gradient, mean_of
 from gradhub_server.update_rules import SparseGradient, build_update_rule
 
@@ -42,6 +43,32 @@ def test_plain_sgd_applies_a_sparse_gradient_like_its_dense_form():
         untouched = torch.ones(a.numel(), dtype=torch.bool)
         untouched[g.indices] = False
         assert torch.equal(a.view(-1)[untouched], b.view(-1)[untouched])
+
+
+@pytest.mark.parametrize("block", [None, 7], ids=["one-block", "blocks-of-7"])
+def test_a_sparse_step_at_unique_indices_equals_the_scatter_add_and_returns_what_it_wrote(block, monkeypatch):
+    """A push's indices are unique: the step reads, adds and writes them back (in blocks),
+    the same additions as scatter_add_; the values it wrote are the next delta pull's."""
+    if block is not None:  # 30 indices in blocks of 7: whole blocks and a partial one
+        monkeypatch.setattr(update_rules, "ADD_BLOCK_INDICES", block)
+    scattered, written = params(), params()
+    scatter_rule = build_update_rule("sgd", scattered, 0.1, 0.0, 0.0)
+    unique_rule = build_update_rule("sgd", written, 0.1, 0.0, 0.0)
+    for seed in range(3):
+        grads = [sparse_gradient(2000, 30, seed), sparse_gradient(40, 3, seed + 10)]
+        assert scatter_rule.apply(grads) == [None, None]  # indices that may repeat: nothing returned
+        after = unique_rule.apply([SparseGradient(g.indices, g.values, unique=True) for g in grads])
+        for a, b, g, values in zip(scattered, written, grads, after):
+            assert torch.equal(a, b)
+            assert values is not None and torch.equal(values, b.detach().view(-1)[g.indices])
+
+
+def test_a_dense_step_and_a_lazy_sparse_step_return_no_written_values():
+    ps = params()
+    assert build_update_rule("sgd", ps, 0.1, 0.0, 0.0).apply([torch.ones(50, 40), torch.ones(40)]) == [None, None]
+    lazy = build_update_rule("sgd", ps, 0.1, 0.9, 0.0)
+    grads = [sparse_gradient(2000, 30, 1), sparse_gradient(40, 3, 2)]
+    assert lazy.apply([SparseGradient(g.indices, g.values, unique=True) for g in grads]) == [None, None]
 
 
 @pytest.mark.parametrize("optimizer, momentum, decay", [("sgd", 0.9, 5e-4), ("adam", 0.0, 0.0), ("adam", 0.0, 1e-2)])

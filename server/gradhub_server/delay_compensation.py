@@ -117,7 +117,7 @@ class DelayCompensation:
                 lam = self._lambda0 / torch.sqrt(flat_ms[g.indices] + EPSILON)
                 drift = (now[position].reshape(-1).index_select(0, g.indices)
                          - base[position].reshape(-1).index_select(0, g.indices))
-                out.append(SparseGradient(g.indices, g.values + lam * square * drift))
+                out.append(SparseGradient(g.indices, g.values + lam * square * drift, unique=g.unique))
                 continue
             square = g * g
             ms.copy_(_averaged(ms, square))

@@ -25,9 +25,10 @@ from gradhub_server.update_rules import Gradient, SparseGradient
 
 
 def to_gradient(tensor: EncodedTensor) -> Gradient:
-    """A decoded push tensor as the update rules take it: sparse stays sparse (O(k))."""
+    """A decoded push tensor as the update rules take it: sparse stays sparse (O(k)), its
+    indices unique (every index encoding's decoder refuses them otherwise)."""
     if tensor.layout is Layout.SPARSE and tensor.indices is not None:
-        return SparseGradient(tensor.indices.to(torch.int64), tensor.float_values())
+        return SparseGradient(tensor.indices.to(torch.int64), tensor.float_values(), unique=True)
     return tensor.to_dense()
 
 

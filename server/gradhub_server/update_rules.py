@@ -6,7 +6,9 @@ coordinates, never O(model size):
 - SGD without momentum and weight decay (the server's rule under DGC momentum
   correction, where momentum lives on the workers): a scatter-add of -lr * values.
   This is the dense update of the same gradient (equal up to the last bit, where
-  torch's dense kernel fuses the multiply-add).
+  torch's dense kernel fuses the multiply-add). A push's indices are unique (the wire
+  enforces it), so its step reads, adds and writes back block by block instead, and
+  the values it wrote are the delta pull's that follows (`apply` returns them).
 - SGD with momentum or weight decay, and Adam: *lazy*. Optimizer state (momentum
   buffer, Adam's moments) and weight decay touch only the coordinates the gradient
   names, like TensorFlow's LazyAdam. Untouched coordinates keep their state and do
@@ -39,12 +41,14 @@ class SparseGradient:
 
     indices: torch.Tensor
     values: torch.Tensor  # float32, same length
+    #: The indices strictly increase (no repeats): true of every decoded push.
+    unique: bool = False
 
     def coalesced(self) -> SparseGradient:
         """Unique indices with their values summed: what stateful rules need."""
         unique, inverse = torch.unique(self.indices, return_inverse=True)
         values = torch.zeros(unique.numel(), dtype=self.values.dtype).index_add_(0, inverse, self.values)
-        return SparseGradient(unique, values)
+        return SparseGradient(unique, values, unique=True)
 
     def to_dense(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
         flat = torch.zeros(math.prod(shape), dtype=torch.float32)
@@ -69,18 +73,23 @@ class UpdateRule(ABC):
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def apply(self, gradients: Sequence[Gradient]) -> None:
+    def apply(self, gradients: Sequence[Gradient]) -> list[torch.Tensor | None]:
         """One step: dense gradients through the optimizer, sparse ones in O(k). Dense
-        gradients are the caller's to give away: weight decay is added to them in place."""
+        gradients are the caller's to give away: weight decay is added to them in place.
+
+        Returns, per parameter, its new values at its sparse gradient's indices (flat,
+        fp32) where the step had them at hand, else None."""
+        after: list[torch.Tensor | None] = [None] * len(self.params)
         dense = [(p, g) for p, g in zip(self.params, gradients) if not isinstance(g, SparseGradient)]
         if dense:
             self._dense_step(dense)
         if len(dense) == len(self.params):
-            return
+            return after
         with torch.no_grad():
-            for param, gradient in zip(self.params, gradients):
+            for position, (param, gradient) in enumerate(zip(self.params, gradients)):
                 if isinstance(gradient, SparseGradient) and gradient.indices.numel():
-                    self._apply_sparse(param, gradient, self.optimizer.state[param])
+                    after[position] = self._apply_sparse(param, gradient, self.optimizer.state[param])
+        return after
 
     def _dense_step(self, dense: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
         """The optimizer's step over the parameters in `dense` (the others hold no gradient,
@@ -112,8 +121,11 @@ class UpdateRule(ABC):
                 param.grad = None
 
     @abstractmethod
-    def _apply_sparse(self, param: nn.Parameter, gradient: SparseGradient, state: dict[str, Any]) -> None:
-        """Update `param` at the gradient's coordinates only."""
+    def _apply_sparse(
+        self, param: nn.Parameter, gradient: SparseGradient, state: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """Update `param` at the gradient's coordinates only; return its new values at
+        `gradient.indices` if the update computed them anyway (None otherwise)."""
 
 
 def _sgd_block(
@@ -205,15 +217,20 @@ class SGDRule(UpdateRule):
         self._flat_momentum, self._momentum_views = flat, views
         return flat
 
-    def _apply_sparse(self, param: nn.Parameter, gradient: SparseGradient, state: dict[str, Any]) -> None:
+    def _apply_sparse(
+        self, param: nn.Parameter, gradient: SparseGradient, state: dict[str, Any]
+    ) -> torch.Tensor | None:
         group = self.optimizer.param_groups[0]
         lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
         flat = param.data.view(-1)
         if not momentum and not decay:
+            scaled = gradient.values * -lr
+            if gradient.unique:
+                return _add_at_unique(flat, gradient.indices, scaled)
             # scatter_add_ of the scaled values: the same sums in the same order as
             # index_add_(alpha=-lr), equal bit for bit, in 5.5 against 8.4 ms for 500 k of 50 M.
-            flat.scatter_add_(0, gradient.indices, gradient.values * -lr)
-            return
+            flat.scatter_add_(0, gradient.indices, scaled)
+            return None
         g = gradient.coalesced()
         step = g.values
         if decay:
@@ -226,10 +243,35 @@ class SGDRule(UpdateRule):
             step = flat_buffer[g.indices] * momentum + step
             flat_buffer[g.indices] = step
         flat[g.indices] -= lr * step
+        return None
+
+
+#: Indices per block of `_add_at_unique`: the cache lines a block of scattered indices
+#: touches (1-2 MiB) are still cached when they are written back. At 500 k of 50 M:
+#: 3.7-3.8 ms in blocks of 16-32 K, 4.0 of 8 K, 4.1 of 64 K, 4.6 of 128 K.
+ADD_BLOCK_INDICES = 1 << 15
+
+
+def _add_at_unique(flat: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """flat[indices] += values for unique `indices`; returns the new flat[indices], in `values`.
+
+    The same one addition per element as scatter_add_, so the same result bit for bit,
+    done as gather, add and write back (`scatter_`) for a block of indices at a time. The
+    delta pull that follows a step needs exactly these new values: gathered again from a
+    model much larger than the cache, they cost 2.2-2.7 ms at 500 k of 50 M; here 0.3 ms
+    more than the scatter-add alone (3.9 against 3.6 ms)."""
+    for start in range(0, indices.numel(), ADD_BLOCK_INDICES):
+        block = indices[start : start + ADD_BLOCK_INDICES]
+        out = values[start : start + ADD_BLOCK_INDICES]
+        out.add_(flat.index_select(0, block))
+        flat.scatter_(0, block, out)
+    return values
 
 
 class AdamRule(UpdateRule):
-    def _apply_sparse(self, param: nn.Parameter, gradient: SparseGradient, state: dict[str, Any]) -> None:
+    def _apply_sparse(
+        self, param: nn.Parameter, gradient: SparseGradient, state: dict[str, Any]
+    ) -> torch.Tensor | None:
         group = self.optimizer.param_groups[0]
         lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         if not state:
@@ -249,6 +291,7 @@ class AdamRule(UpdateRule):
         v[g.indices] = v_i
         denominator = (v_i / (1 - beta2**t)).sqrt() + eps
         flat[g.indices] -= (lr / (1 - beta1**t)) * m_i / denominator
+        return None
 
 
 def build_update_rule(
