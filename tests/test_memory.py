@@ -40,3 +40,7 @@ def test_cache_blocks_cover_every_element_once_in_order(numel, monkeypatch):
     assert [i for start, stop in blocks for i in range(start, stop)] == list(range(numel))
     assert all(0 < stop - start <= 7 for start, stop in blocks)
     assert all(stop - start == 7 for start, stop in blocks[:-1])  # only the last may be partial
+
+
+def test_cache_blocks_take_a_block_size_of_their_own():
+    assert list(memory.cache_blocks(7, 3)) == [(0, 3), (3, 6), (6, 7)]

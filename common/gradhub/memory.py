@@ -68,13 +68,14 @@ def empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(numpy.empty(nbytes, dtype=numpy.uint8)).view(dtype)
 
 
-def cache_blocks(numel: int) -> Iterator[tuple[int, int]]:
-    """(start, stop) of each `CACHE_BLOCK_ELEMENTS` block of `numel` elements, the last one partial.
+def cache_blocks(numel: int, block: int | None = None) -> Iterator[tuple[int, int]]:
+    """(start, stop) of each block of `numel` elements (`CACHE_BLOCK_ELEMENTS` unless
+    `block` says), the last one partial.
 
     Doing several elementwise operations on one block before the next, rather than each
     operation over the whole tensor, reads memory once instead of once per operation: the
     same arithmetic element by element, so the same result.
     """
-    block = CACHE_BLOCK_ELEMENTS
+    block = block or CACHE_BLOCK_ELEMENTS
     for start in range(0, numel, block):
         yield start, min(start + block, numel)

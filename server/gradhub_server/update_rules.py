@@ -260,9 +260,8 @@ def _add_at_unique(flat: torch.Tensor, indices: torch.Tensor, values: torch.Tens
     delta pull that follows a step needs exactly these new values: gathered again from a
     model much larger than the cache, they cost 2.2-2.7 ms at 500 k of 50 M; here 0.3 ms
     more than the scatter-add alone (3.9 against 3.6 ms)."""
-    for start in range(0, indices.numel(), ADD_BLOCK_INDICES):
-        block = indices[start : start + ADD_BLOCK_INDICES]
-        out = values[start : start + ADD_BLOCK_INDICES]
+    for start, stop in memory.cache_blocks(indices.numel(), ADD_BLOCK_INDICES):
+        block, out = indices[start:stop], values[start:stop]
         out.add_(flat.index_select(0, block))
         flat.scatter_(0, block, out)
     return values
