@@ -74,7 +74,9 @@ def netns() -> Iterator[str]:
     if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("iptables-save") is None:
         pytest.skip("needs root, iproute2 and iptables to make a network namespace")
     name = f"gradhub-fw-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True, timeout=10)
+    if made.returncode != 0:  # a container without the privilege to make namespaces
+        pytest.skip(f"cannot make a network namespace here: {made.stderr.strip()}")
     try:
         yield name
     finally:
