@@ -172,7 +172,10 @@ def measure(parameters: int, workers: int, codec: str, shards: int, repeats: int
 
 
 def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from gradhub.cpu_affinity import allowed_cpus
+
+    allowed = allowed_cpus()
+    return len(allowed) if allowed is not None else (os.cpu_count() or 1)
 
 
 def bench_shards(args: Any) -> tuple[list[dict[str, Any]], str]:
