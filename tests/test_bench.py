@@ -72,7 +72,22 @@ def test_wire_suite_measures_a_real_cluster_beside_raw_tcp_and_gloo(tmp_path: Pa
         assert row["push_ms"] > 0 and row["pull_ms"] > 0 and row["push_pull_ms"] > 0
         assert row["raw_tcp_push_ms"] > 0 and row["gloo_allreduce_ms"] > 0
         assert row["push_of_raw"] == pytest.approx(row["raw_tcp_push_ms"] / row["push_ms"])
+        # The same step's bytes through a bare gRPC server, in the same run.
+        assert row["bare_grpc_push_pull_ms"] > 0
+        assert row["push_pull_vs_bare_grpc"] == pytest.approx(row["push_pull_ms"] / row["bare_grpc_push_pull_ms"])
     assert dense["push_pull_speedup_vs_dense"] == 1.0
+    assert "bare gRPC" in (tmp_path / "wire.md").read_text()
+
+
+def test_the_bare_grpc_reference_sends_the_bytes_in_chunks_and_waits_for_every_client():
+    from gradhub_cli.bench_bare_grpc import _Barrier, _messages
+
+    assert [len(m) for m in _messages(10, 4)] == [4, 4, 2]
+    assert [len(m) for m in _messages(8, 4)] == [4, 4]
+    assert _messages(0, 4) == [b""]  # a stream still carries one message
+    barrier = _Barrier(2)
+    with pytest.raises(TimeoutError, match="2 clients did not all arrive"):
+        barrier.wait(0.01)  # alone: the second client never comes
 
 
 def test_shards_suite_steps_against_every_shard_and_stops_them(tmp_path: Path):

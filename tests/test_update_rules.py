@@ -13,7 +13,10 @@ from gradhub.domain import Push, PushMeta
 from gradhub.encoded import dense_views
 from gradhub.models import flatten_parameters
 from gradhub_server import update_rules
-from gradhub_server.gradients import StepSums, Submission, mean_gradient, mean_of
+from gradhub_server.gradients import DenseMean, StepSums, Submission, mean_gradient, mean_of
+from gradhub_server.journal import UpdateJournal
+from gradhub_server.schedules import schedule_from_name
+from gradhub_server.store import ParameterStore
 from gradhub_server.update_rules import SparseGradient, build_update_rule
 
 pytestmark = pytest.mark.timeout(30)
@@ -45,15 +48,18 @@ def test_plain_sgd_applies_a_sparse_gradient_like_its_dense_form():
         assert torch.equal(a.view(-1)[untouched], b.view(-1)[untouched])
 
 
-@pytest.mark.parametrize("block", [None, 7], ids=["one-block", "blocks-of-7"])
-def test_a_sparse_step_at_unique_indices_equals_the_scatter_add_and_returns_what_it_wrote(block, monkeypatch):
-    """A push's indices are unique: the step reads, adds and writes them back (in blocks),
-    the same additions as scatter_add_; the values it wrote are the next delta pull's."""
+@pytest.mark.parametrize(("block", "lanes"), [(None, 1), (7, 1), (7, 3)],
+                         ids=["one-block", "blocks-of-7", "blocks-of-7-on-3-lanes"])
+def test_a_sparse_step_at_unique_indices_equals_the_scatter_add_and_returns_what_it_wrote(block, lanes, monkeypatch):
+    """A push's indices are unique: the step adds them and reads them back (in blocks, on
+    several lanes at once), the same additions as one scatter_add_; the values it wrote
+    are the next delta pull's."""
     if block is not None:  # 30 indices in blocks of 7: whole blocks and a partial one
         monkeypatch.setattr(update_rules, "ADD_BLOCK_INDICES", block)
+        monkeypatch.setattr(update_rules, "ADD_LANE_INDICES", 8)  # lanes of 8 or more
     scattered, written = params(), params()
     scatter_rule = build_update_rule("sgd", scattered, 0.1, 0.0, 0.0)
-    unique_rule = build_update_rule("sgd", written, 0.1, 0.0, 0.0)
+    unique_rule = build_update_rule("sgd", written, 0.1, 0.0, 0.0, lanes=lanes)
     for seed in range(3):
         grads = [sparse_gradient(2000, 30, seed), sparse_gradient(40, 3, seed + 10)]
         assert scatter_rule.apply(grads) == [None, None]  # indices that may repeat: nothing returned
@@ -153,9 +159,15 @@ def test_mean_of_dense_submissions_is_whole_and_split_into_the_parameters_shapes
         for rank, flat in enumerate(flats)
     ]
     mean = mean_of(submissions, shapes, sums)
-    assert [g.shape for g in mean] == shapes
+    assert isinstance(mean, DenseMean)
+    whole = mean.whole()
+    assert [g.shape for g in whole] == shapes
     per_parameter = mean_gradient([s.gradient for s in submissions], shapes)
-    assert all(torch.equal(a, b) for a, b in zip(mean, per_parameter))
+    assert all(torch.equal(a, b) for a, b in zip(whole, per_parameter))
+    flat_mean = torch.cat([g.reshape(-1) for g in per_parameter])
+    # Block by block (a lane's buffer, overwritten by its next block): the same values.
+    assert all(torch.equal(mean.block(start, stop, lane=0), flat_mean[start:stop])
+               for start, stop in [(0, 5), (5, 16)])
 
 
 def flattened(ps: list[nn.Parameter]) -> list[nn.Parameter]:
@@ -231,3 +243,83 @@ def test_a_mixed_step_between_flat_steps_keeps_sgd_momentum_exact():
         for rule in rules:
             rule.apply([g.clone() if isinstance(g, torch.Tensor) else g for g in gradient])
     assert all(torch.equal(a, b) for a, b in zip(flat, separate))
+
+
+def _step_store(momentum: float, decay: float, lanes: int) -> ParameterStore:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 5))  # 725 parameters
+    rule = build_update_rule("sgd", list(model.parameters()), 0.05, momentum, decay, lanes=lanes)
+    return ParameterStore(model, rule, steps=100, schedule=schedule_from_name("cosine"))
+
+
+@pytest.mark.parametrize("dtypes", [
+    [torch.float16, torch.float16],
+    [torch.bfloat16, torch.float16, torch.float32],
+    [torch.float32],
+])
+@pytest.mark.parametrize(("momentum", "decay"), [(0.0, 0.0), (0.9, 5e-3)])
+@pytest.mark.parametrize("lanes", [1, 3])
+def test_a_sync_step_block_by_block_equals_the_whole_mean_step_and_its_snapshot_bit_for_bit(
+    dtypes, momentum, decay, lanes, monkeypatch
+):
+    """The step that makes the mean, steps and writes the pulls' snapshot a block at a time
+    (on several lanes at once) ends exactly where the mean made whole, then stepped, then
+    snapshotted ends: parameters, momentum and every pulled value."""
+    # 725 elements in blocks of 7 (whole ones and a partial last), lanes of at least 100.
+    monkeypatch.setattr(memory, "CACHE_BLOCK_ELEMENTS", 7)
+    monkeypatch.setattr(memory, "MIN_LANE_ELEMENTS", 100)
+    blockwise, whole = _step_store(momentum, decay, lanes), _step_store(momentum, decay, 1)
+    ran: list[bool] = []
+    step_blocks = blockwise.rule.step_blocks
+    monkeypatch.setattr(blockwise.rule, "step_blocks", lambda *a: ran.append(step_blocks(*a)) or ran[-1])
+    sums, whole_sums = StepSums(), StepSums()
+    generator = torch.Generator().manual_seed(8)
+    for _ in range(4):
+        flats = tuple(torch.randn(blockwise.numel, generator=generator).to(dtype) for dtype in dtypes)
+        copies = tuple(f.clone() for f in flats)  # a lone fp32 push is handed over: decay goes into it
+        blockwise.apply(DenseMean(flats, tuple(blockwise.shapes), sums), pull_dtypes=[torch.float16, torch.float32])
+        whole.apply(DenseMean(copies, tuple(whole.shapes), whole_sums).whole())
+        assert blockwise.version == whole.version
+        for dtype in (torch.float16, torch.float32):
+            ours, theirs = blockwise.snapshot(dtype), whole.snapshot(dtype)
+            assert ours.version == theirs.version
+            assert all(torch.equal(a.values, b.values) for a, b in zip(ours.tensors, theirs.tensors))
+        assert all(torch.equal(a, b) for a, b in zip(blockwise.model.parameters(), whole.model.parameters()))
+    if momentum:
+        state, reference = blockwise.rule.optimizer.state, whole.rule.optimizer.state
+        assert all(torch.equal(state[a]["momentum_buffer"], reference[b]["momentum_buffer"])
+                   for a, b in zip(blockwise.model.parameters(), whole.model.parameters()))
+    # With momentum, the first step goes through torch, which starts the buffers; then blocks.
+    assert ran == ([False] if momentum else [True]) + [True] * 3
+    blockwise.close()
+
+
+def test_a_sync_step_block_by_block_makes_the_snapshots_it_is_asked_for_with_the_new_version():
+    store = _step_store(0.0, 0.0, 1)
+    flats = (torch.ones(store.numel, dtype=torch.float16),)
+    store.apply(DenseMean(flats, tuple(store.shapes), StepSums()), pull_dtypes=[torch.float16, torch.float16])
+    assert set(store._snapshots) == {torch.float16}  # made once, with the step
+    snapshot = store._snapshots[torch.float16]
+    assert snapshot.version == store.version == 1
+    assert store.snapshot(torch.float16) is snapshot  # the pull takes it as it is
+    store.close()
+
+
+def test_a_journaled_sync_step_records_the_whole_mean_it_applied(tmp_path):
+    """The journal records the gradient as the rule takes it, before the step: a journaled
+    store makes the mean whole, and its replay ends on the same parameters."""
+    store = _step_store(0.9, 5e-3, 2)
+    store.journal = UpdateJournal(tmp_path)
+    generator = torch.Generator().manual_seed(9)
+    sums = StepSums()
+    for _ in range(3):
+        flats = tuple(torch.randn(store.numel, generator=generator).half() for _ in range(2))
+        store.apply(DenseMean(flats, tuple(store.shapes), sums))
+    store.journal.close()
+    replayed = _step_store(0.9, 5e-3, 1)
+    for record in UpdateJournal(tmp_path).records_after(0, replayed.shapes):
+        assert record.gradient is not None and all(isinstance(g, torch.Tensor) for g in record.gradient)
+        replayed.replay(record)
+    assert replayed.version == store.version == 3
+    assert all(torch.equal(a, b) for a, b in zip(store.model.parameters(), replayed.model.parameters()))
+    store.close()

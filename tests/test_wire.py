@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from gradhub import wire
 from gradhub.codecs import codec_from_name
 from gradhub.domain import ParameterSnapshot, PushMeta, PushResult
-from gradhub.encoded import EncodedTensor, Layout, dense, dense_views, flat_values
+from gradhub.encoded import EncodedTensor, Layout, dense, dense_views, flat_values, values_finite
 from gradhub.errors import InvalidRequest, PayloadTooLarge
 
 pytestmark = pytest.mark.timeout(60)
@@ -228,3 +228,29 @@ def test_dense_views_are_the_tensors_built_one_by_one_and_carry_their_flat_tenso
     assert list(wire.push_stream(META, views, chunk_bytes=7)) == list(wire.push_stream(META, one_by_one, chunk_bytes=7))
     with pytest.raises(InvalidRequest, match="16 values for tensors of 17"):
         dense_views(name_shapes, flat[:16])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [None, 0, 4, 5, 13, 19])  # first, at and across chunk boundaries, last
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_dense_push_is_checked_for_nan_and_inf_chunk_by_chunk_as_it_arrives(dtype, bad, value):
+    """Chunks of 5 bytes: 2-byte and 4-byte values straddle them; the check must see every
+    value whole exactly once, wherever the bad one lies."""
+    values = torch.linspace(-3, 3, 20)
+    if bad is not None:
+        values[bad] = value
+    tensors = [dense("a", values[:12].view(3, 4), dtype), dense("b", values[12:], dtype)]
+    push = wire.read_push(list(wire.push_requests(META, tensors, chunk_bytes=5)),
+                          wire.WireLimits(max_payload_bytes=1 << 20, max_chunk_bytes=5))
+    assert push.tensors.finite is (bad is None)
+    assert values_finite(push.tensors, flat_values(push.tensors)) is (bad is None)
+
+
+def test_only_pushes_of_dense_floats_are_checked_as_they_arrive():
+    sparse_push = [codec_from_name("topk:0.5", dense_below=0).encode("a", torch.randn(10))]
+    push = wire.read_push(list(wire.push_requests(META, sparse_push)), LIMITS)
+    assert getattr(push.tensors, "finite", None) is None  # checked per tensor by the server
+    snapshot = ParameterSnapshot(version=1, tensors=(dense("a", torch.full((4,), float("nan"))),))
+    pulled = wire.read_pull(wire.pull_responses(snapshot), LIMITS)  # a pull is not a gradient
+    assert pulled.tensors.finite is None
+    assert not values_finite(pulled.tensors, flat_values(pulled.tensors))

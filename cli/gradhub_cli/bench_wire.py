@@ -1,6 +1,7 @@
 """`gradhub bench wire`: push, pull and push+pull against a real server, beside the references
-measured in the same run: the same bytes through a raw loopback TCP socket (the wire's limit)
-and a torch.distributed gloo all_reduce of the same fp32 tensor across as many processes.
+measured in the same run: the same bytes through a raw loopback TCP socket (the wire's limit),
+a torch.distributed gloo all_reduce of the same fp32 tensor across as many processes, and the
+step's bytes through a bare gRPC Python server (`bench_bare_grpc`: what gRPC itself costs).
 
 Each cell starts a real cluster: an embedded Redis, a `gradhub server` process (sync mode,
 an MLP of the requested size) and W worker processes that register, encode one gradient with
@@ -297,15 +298,24 @@ def measure_cell(cell: Cell, redis_url: str, scratch: Path) -> dict[str, Any]:
 
 def bench_wire(args: Any) -> tuple[list[dict[str, Any]], str]:
     from gradhub.redis_server import EmbeddedRedis
+    from gradhub.wire import CHUNK_BYTES
+    from gradhub_cli.bench_bare_grpc import bare_grpc_round_trip_seconds
 
     rows: list[dict[str, Any]] = []
     raw_cache: dict[int, float] = {}
     gloo_cache: dict[tuple[int, int], float] = {}
+    bare_cache: dict[tuple[int, int, int], float] = {}
 
     def raw_ms(nbytes: int) -> float:
         if nbytes not in raw_cache:
             raw_cache[nbytes] = 1000 * raw_tcp_seconds(nbytes, args.repeats)
         return raw_cache[nbytes]
+
+    def bare_grpc_ms(up: int, down: int, workers: int) -> float:
+        key = (up, down, workers)
+        if key not in bare_cache:
+            bare_cache[key] = 1000 * bare_grpc_round_trip_seconds(up, down, workers, args.repeats, CHUNK_BYTES)
+        return bare_cache[key]
 
     with EmbeddedRedis() as redis, tempfile.TemporaryDirectory(prefix="gradhub-bench-") as scratch:
         for parameters in args.sizes:
@@ -323,6 +333,10 @@ def bench_wire(args: Any) -> tuple[list[dict[str, Any]], str]:
                         row[f"{call}_gbps"] = row[f"{call}_bytes"] / row[f"{call}_ms"] / 1e6
                         row[f"{call}_of_raw"] = row[f"raw_tcp_{call}_ms"] / row[f"{call}_ms"]
                     row["push_pull_vs_gloo"] = row["push_pull_ms"] / row["gloo_allreduce_ms"]
+                    row["bare_grpc_push_pull_ms"] = bare_grpc_ms(
+                        row["push_bytes"], row["push_pull_bytes"] - row["push_bytes"], workers)
+                    row["push_pull_vs_bare_grpc"] = row["push_pull_ms"] / row["bare_grpc_push_pull_ms"]
+                    row["bare_grpc_vs_gloo"] = row["bare_grpc_push_pull_ms"] / row["gloo_allreduce_ms"]
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
     dense = {(r["parameters"], r["workers"]): r for r in rows if r["codec"] in ("none", "fp32")}
@@ -336,11 +350,14 @@ def bench_wire(args: Any) -> tuple[list[dict[str, Any]], str]:
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "Sync mode; times are medians of the slowest worker; raw TCP moves the same bytes over a "
-        "loopback socket in the same run; gloo is an all_reduce of the fp32 tensor across as many processes.",
+        "loopback socket in the same run; gloo is an all_reduce of the fp32 tensor across as many processes; "
+        "bare gRPC moves the step's bytes (each worker's push up, a barrier, its pull down) through a gRPC "
+        "Python server that does nothing else.",
         "",
         "| parameters | workers | codec | push | push GB/s (of raw TCP) | pull | pull GB/s (of raw TCP) "
-        "| push+pull | gloo all_reduce | push+pull / gloo | speed-up vs dense |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| push+pull | bare gRPC | push+pull / bare gRPC | gloo all_reduce | push+pull / gloo "
+        "| bare gRPC / gloo | speed-up vs dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         speedup = r["push_pull_speedup_vs_dense"]
@@ -348,8 +365,9 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['parameters'] / 1e6:g} M | {r['workers']} | {r['codec']} | {r['push_ms']:.1f} ms "
             f"| {r['push_gbps']:.2f} ({100 * r['push_of_raw']:.0f} %) | {r['pull_ms']:.1f} ms "
             f"| {r['pull_gbps']:.2f} ({100 * r['pull_of_raw']:.0f} %) | {r['push_pull_ms']:.1f} ms "
+            f"| {r['bare_grpc_push_pull_ms']:.1f} ms | {format_ratio(r['push_pull_vs_bare_grpc'], 2)} "
             f"| {format_ms(r['gloo_allreduce_ms'])} | {format_ratio(r['push_pull_vs_gloo'], 2)} "
-            f"| {format_ratio(speedup, 1)} |"
+            f"| {format_ratio(r['bare_grpc_vs_gloo'], 2)} | {format_ratio(speedup, 1)} |"
         )
     return "\n".join(lines)
 

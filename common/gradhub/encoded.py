@@ -232,6 +232,17 @@ class DenseViews(tuple[EncodedTensor, ...]):
     segment) takes it back without re-checking every tensor's address."""
 
     flat: torch.Tensor
+    #: Whether every value of `flat` is finite, where that is known already (the wire
+    #: checks a push's values chunk by chunk as they arrive); None: not checked.
+    finite: bool | None = None
+
+
+def values_finite(tensors: Sequence[EncodedTensor], flat: torch.Tensor) -> bool:
+    """`all_finite(flat)` for `flat = flat_values(tensors)`, taken from the check made as
+    the values arrived where there was one (`DenseViews.finite`)."""
+    if isinstance(tensors, DenseViews) and tensors.finite is not None and tensors.flat is flat:
+        return tensors.finite
+    return all_finite(flat)
 
 
 def dense_views(name_shapes: Sequence[tuple[str, tuple[int, ...]]], flat: torch.Tensor) -> tuple[EncodedTensor, ...]:

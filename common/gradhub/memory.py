@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Iterator
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy
 import torch
@@ -37,6 +40,10 @@ HUGE_PAGE_BYTES = 4 << 20
 #: operation to the next. A bare mean of 2 x 25 M fp16 took 14.3 ms in blocks of 2^16,
 #: 12.6 of 2^17, 11.6 of 2^18.
 CACHE_BLOCK_ELEMENTS = 1 << 18
+
+#: Fewest elements a lane of `BlockLanes` takes: below it, handing a range to another thread
+#: costs more than that thread saves (a small model's step stays on the calling thread).
+MIN_LANE_ELEMENTS = 1 << 20
 
 # mallopt's parameter numbers (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -60,12 +67,68 @@ def keep_freed_memory() -> bool:
 
 
 def empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised 1-D CPU tensor; from `HUGE_PAGE_BYTES` up, numpy's memory (huge
-    pages), viewed as `dtype` (numpy has no bfloat16, so the buffer is bytes)."""
-    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    """An uninitialised 1-D CPU tensor; from `HUGE_PAGE_BYTES` up, a recycled buffer
+    (`recycled`: huge pages, and memory already touched), viewed as `dtype` (numpy has no
+    bfloat16, so the buffer is bytes)."""
+    nbytes = numel * dtype.itemsize
     if nbytes < HUGE_PAGE_BYTES:
         return torch.empty(numel, dtype=dtype)
-    return torch.from_numpy(numpy.empty(nbytes, dtype=numpy.uint8)).view(dtype)
+    return torch.from_numpy(recycled(nbytes)).view(dtype)
+
+
+#: Free bytes the recycler keeps for reuse, at most (as glibc keeps freed heap: `TRIM_THRESHOLD_BYTES`).
+RECYCLE_BYTES = TRIM_THRESHOLD_BYTES
+
+
+class _Recycler:
+    """Large byte buffers lent as views and taken back when the last view is gone.
+
+    Blocks this large are mapped fresh by glibc and given back on free (above 32 MB no
+    `mallopt` keeps them), so every step's pushes, pulls and snapshots paid their page
+    faults again: filling a fresh 50 MB buffer took 7.8 ms here, against 3.8 ms for one
+    already touched. A buffer comes back only once nothing refers to the view lent out
+    (a weak reference to it says when), so it is never reused while a tensor, a message
+    or a snapshot still reads it. Free buffers are kept by exact size, newest first;
+    beyond `RECYCLE_BYTES` in all, the oldest go back to the system."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()  # a view may die, and give back, while this one is held
+        self._free: list[numpy.ndarray] = []  # oldest first
+        self._free_bytes = 0
+
+    def take(self, nbytes: int) -> numpy.ndarray:
+        base = None
+        with self._lock:
+            for position in range(len(self._free) - 1, -1, -1):
+                if self._free[position].nbytes == nbytes:
+                    base = self._free.pop(position)
+                    self._free_bytes -= nbytes
+                    break
+        if base is None:
+            base = numpy.empty(nbytes, dtype=numpy.uint8)
+        view = base[:]
+        weakref.finalize(view, self._give_back, base)
+        return view
+
+    def _give_back(self, base: numpy.ndarray) -> None:
+        with self._lock:
+            self._free.append(base)
+            self._free_bytes += base.nbytes
+            while self._free_bytes > RECYCLE_BYTES:
+                self._free_bytes -= self._free.pop(0).nbytes
+
+    def free_bytes(self) -> int:
+        with self._lock:
+            return self._free_bytes
+
+
+_recycler = _Recycler()
+
+
+def recycled(nbytes: int) -> numpy.ndarray:
+    """Uninitialised bytes, in a buffer given back for reuse once nothing refers to the
+    array returned (nor to a tensor or view made from it)."""
+    return _recycler.take(nbytes)
 
 
 def cache_blocks(numel: int, block: int | None = None) -> Iterator[tuple[int, int]]:
@@ -79,3 +142,68 @@ def cache_blocks(numel: int, block: int | None = None) -> Iterator[tuple[int, in
     block = block or CACHE_BLOCK_ELEMENTS
     for start in range(0, numel, block):
         yield start, min(start + block, numel)
+
+
+class BlockLanes:
+    """Runs a large elementwise pass over `[0, numel)` in cache blocks on several threads at
+    once: the blocks are cut into `lanes` contiguous ranges, the first run by the calling
+    thread, the others by threads kept for this.
+
+    A sync step's update of a large model runs while every worker waits for it, so the
+    machine's other cores are idle; torch's kernels release the GIL, and each lane streams
+    through its own part of memory. The fused step of 2 fp16 pushes of 25 M (mean, SGD step,
+    fp16 snapshot) took 28.9 against 41.6 ms on 2 lanes on the development machine (2 cores;
+    memory bandwidth, not the cores, bounds it). Each lane's body gets its lane number, to
+    use scratch buffers of its own.
+    """
+
+    def __init__(self, lanes: int) -> None:
+        if lanes < 1:
+            raise ValueError(f"lanes must be at least 1, not {lanes}")
+        self.lanes = lanes
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def run(
+        self, numel: int, body: Callable[[int, int, int], None], block: int | None = None,
+        min_lane: int | None = None,
+    ) -> None:
+        """body(start, stop, lane) for every block of `numel` elements (a cache block unless
+        `block` says; each once, in order within a lane), each lane taking at least
+        `min_lane` elements (`MIN_LANE_ELEMENTS` unless given); returns when all are done,
+        raising the first lane's error."""
+        block = block or CACHE_BLOCK_ELEMENTS
+        lanes = max(1, min(self.lanes, numel // (min_lane or MIN_LANE_ELEMENTS)))
+        blocks = -(-numel // block)
+        if lanes == 1 or blocks < 2:
+            _run_lane(body, 0, numel, block, 0)
+            return
+        per_lane = -(-blocks // lanes)
+        bounds = [min(numel, lane * per_lane * block) for lane in range(lanes + 1)]
+        pool = self._executor()
+        others = [pool.submit(_run_lane, body, bounds[lane], bounds[lane + 1], block, lane)
+                  for lane in range(1, lanes) if bounds[lane] < bounds[lane + 1]]
+        try:
+            _run_lane(body, bounds[0], bounds[1], block, 0)
+        finally:
+            for future in others:  # every lane ends before the caller goes on, error or not
+                future.exception()
+        for future in others:
+            future.result()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.lanes - 1, thread_name_prefix="gradhub-lane")
+            return self._pool
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
+def _run_lane(body: Callable[[int, int, int], None], start: int, stop: int, block: int, lane: int) -> None:
+    for first, last in cache_blocks(stop - start, block):
+        body(start + first, start + last, lane)

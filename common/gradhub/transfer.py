@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy
 import torch
 
+from gradhub import memory
+
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` on the CPU: itself when already there, else a copy in pinned memory.
@@ -49,6 +51,8 @@ def receive_buffer(nbytes: int, pinned: bool) -> numpy.ndarray:
     parameters it decodes cross to the device by DMA, without the driver's staging."""
     if pinned:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
+    if nbytes >= memory.HUGE_PAGE_BYTES:
+        return memory.recycled(nbytes)  # the next step's payload is the same size
     return numpy.empty(nbytes, dtype=numpy.uint8)
 
 

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="after the run ends, keep answering health and status until SIGTERM "
                         "(for Kubernetes, which restarts a server that exits)")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+    parser.add_argument("--step-threads", type=int, default=0,
+                        help="threads a large update runs on at once (0: in sync mode, whose workers "
+                        "wait for it, one per usable CPU, at most 4; one in the other modes)")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
     add_run_config_arguments(parser)
     apply_env_defaults(parser)
@@ -109,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics_interval=args.metrics_interval,
             linger=args.linger,
             max_inflight_pushes=args.max_inflight_pushes,
+            step_threads=args.step_threads,
             checkpoint_every=args.checkpoint_every,
             checkpoint_seconds=args.checkpoint_seconds,
             journal=not args.no_journal,

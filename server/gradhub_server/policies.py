@@ -175,6 +175,8 @@ class SyncPolicy(UpdatePolicy):
         self.store.apply(
             mean_of(entries, self.store.shapes, self._sums),
             pushes=[AppliedPush.of(e.push, staleness=0, rank=e.rank) for e in entries],
+            # Every worker of the step pulls next: its snapshot is made with the step.
+            pull_dtypes=[e.push.meta.pull_dtype for e in entries],
         )
         self._pending.clear()
         self._cond.notify_all()

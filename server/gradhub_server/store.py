@@ -28,21 +28,23 @@ from torch import nn
 from gradhub import memory
 from gradhub.config import RunConfig, momentum_on_workers
 from gradhub.domain import ParameterSnapshot
-from gradhub.encoded import EncodedTensor, all_finite, dense, dense_views, sparse
+from gradhub.encoded import EncodedTensor, dense, dense_views, sparse, values_finite
 from gradhub.errors import InvalidRequest, NonFiniteGradient, RunFinished, ServerUnavailable
 from gradhub.models import flatten_parameters
 from gradhub_server.applied import AppliedPush
+from gradhub_server.gradients import DenseMean
 from gradhub_server.journal import JournalRecord, UpdateJournal
 from gradhub_server.schedules import Schedule, constant
 from gradhub_server.update_rules import Gradient, SparseGradient, UpdateRule, build_update_rule
 
 
-def build_rule(config: RunConfig, params: Sequence[nn.Parameter]) -> UpdateRule:
-    """The server's rule. Under momentum correction, momentum and weight decay live on the
-    workers (DGC), and the server takes plain SGD steps: exact and O(k) for sparse pushes."""
+def build_rule(config: RunConfig, params: Sequence[nn.Parameter], lanes: int = 1) -> UpdateRule:
+    """The server's rule, its large steps on `lanes` threads. Under momentum correction,
+    momentum and weight decay live on the workers (DGC), and the server takes plain SGD
+    steps: exact and O(k) for sparse pushes."""
     if momentum_on_workers(config):
-        return build_update_rule("sgd", params, config.lr, momentum=0.0, weight_decay=0.0)
-    return build_update_rule(config.optimizer, params, config.lr, config.momentum, config.weight_decay)
+        return build_update_rule("sgd", params, config.lr, momentum=0.0, weight_decay=0.0, lanes=lanes)
+    return build_update_rule(config.optimizer, params, config.lr, config.momentum, config.weight_decay, lanes)
 
 
 def _union(parts: list[torch.Tensor] | None) -> torch.Tensor | None:
@@ -153,7 +155,7 @@ class ParameterStore:
                 )
             if flat is None and not tensor.is_finite():
                 raise NonFiniteGradient(f"gradient for {name!r} holds NaN or Inf")
-        if flat is not None and not all_finite(flat):
+        if flat is not None and not values_finite(tensors, flat):
             culprit = next((t.name for t in tensors if not t.is_finite()), "?")
             raise NonFiniteGradient(f"gradient for {culprit!r} holds NaN or Inf")
 
@@ -166,10 +168,14 @@ class ParameterStore:
         if cached is not None:
             return cached
         # One copy (the conversion with it) into one buffer: the pull goes out as one segment.
-        flat = memory.empty(self._numel, dtype).copy_(self._flat.detach())
-        tensors = dense_views(self._name_shapes, flat)
-        snap = ParameterSnapshot(version=self._version, tensors=tensors, finished=self.finished)
-        self._snapshots[dtype] = snap
+        return self._keep_snapshot_locked(memory.empty(self._numel, dtype).copy_(self._flat.detach()))
+
+    def _keep_snapshot_locked(self, flat: torch.Tensor) -> ParameterSnapshot:
+        """The current version's snapshot in `flat`'s type, whose values `flat` holds."""
+        snap = ParameterSnapshot(
+            version=self._version, tensors=dense_views(self._name_shapes, flat), finished=self.finished
+        )
+        self._snapshots[flat.dtype] = snap
         return snap
 
     def wait_for_version(self, version: int, timeout: float) -> bool:
@@ -296,25 +302,43 @@ class ParameterStore:
     # --- changing -------------------------------------------------------------------------
 
     def apply(
-        self, gradient: Sequence[Gradient], lr_scale: float = 1.0, pushes: Sequence[AppliedPush] = ()
+        self, gradient: Sequence[Gradient] | DenseMean, lr_scale: float = 1.0, pushes: Sequence[AppliedPush] = (),
+        pull_dtypes: Sequence[torch.dtype] = (),
     ) -> int:
         """One step with `gradient` (validated; dense fp32 tensors or SparseGradients,
-        applied in O(k)), at the scheduled learning rate times `lr_scale`, carrying `pushes`;
-        returns the new version. The dense tensors are handed over: the rule may change them
-        (it adds weight decay in place)."""
+        applied in O(k), or a sync step's `DenseMean`), at the scheduled learning rate times
+        `lr_scale`, carrying `pushes`; returns the new version. The dense tensors are handed
+        over: the rule may change them (it adds weight decay in place).
+
+        A `DenseMean` goes block by block through the rule's step where the rule can, and
+        the new version's snapshots in `pull_dtypes` (what the step's workers will pull) are
+        written in the same pass; not with a journal, which records the whole mean."""
         with self._lock:
             if self.finished:
                 raise RunFinished(f"the run finished at version {self._version}")
             factor = self._schedule(self._version / self.steps) * lr_scale
-            self._journal(JournalRecord(self._version + 1, factor, list(gradient), tuple(pushes)))
             self.rule.set_lr_factor(factor)
+            if isinstance(gradient, DenseMean):
+                if self.journal is None:
+                    copies = [memory.empty(self._numel, dtype) for dtype in dict.fromkeys(pull_dtypes)]
+                    if self.rule.step_blocks(self._numel, gradient.block, copies):
+                        self._advanced_locked([None] * len(self._named))
+                        for copy in copies:
+                            self._keep_snapshot_locked(copy)
+                        self._tell_applied(pushes)
+                        return self._version
+                gradient = gradient.whole()
+            self._journal(JournalRecord(self._version + 1, factor, list(gradient), tuple(pushes)))
             written = self.rule.apply(gradient)
             self._advanced_locked([g.indices if isinstance(g, SparseGradient) else None for g in gradient])
             if any(values is not None for values in written):
                 self._written = written
-            if self.on_applied is not None and pushes:
-                self.on_applied(pushes)
+            self._tell_applied(pushes)
             return self._version
+
+    def _tell_applied(self, pushes: Sequence[AppliedPush]) -> None:
+        if self.on_applied is not None and pushes:
+            self.on_applied(pushes)
 
     def advance(self) -> int:
         """A version that changes nothing (injected staleness fills its line with these)."""
@@ -336,8 +360,7 @@ class ParameterStore:
                 self.rule.apply(record.gradient)
             self._advanced_locked(None)
             self._changes.clear()  # no deltas across a restart: the first pulls go whole
-            if self.on_applied is not None and record.pushes:
-                self.on_applied(record.pushes)
+            self._tell_applied(record.pushes)
 
     def _journal(self, record: JournalRecord) -> None:
         if self.journal is None:
@@ -370,3 +393,4 @@ class ParameterStore:
             waiters, self._waiters = self._waiters, {}
         for reached in waiters.values():
             reached.set()
+        self.rule.close()

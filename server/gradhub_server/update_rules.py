@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,12 +58,24 @@ class SparseGradient:
 
 Gradient = torch.Tensor | SparseGradient
 
+#: A whole flat model's gradient, a block at a time: (start, stop, lane) -> its fp32 values
+#: of [start, stop), which the rule may overwrite (`gradients.DenseMean.block`); `lane` says
+#: which of the concurrent lanes asks (`memory.BlockLanes`).
+GradientBlocks = Callable[[int, int, int], torch.Tensor]
+
 
 class UpdateRule(ABC):
-    def __init__(self, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+    def __init__(
+        self, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer, lanes: int = 1
+    ) -> None:
         self.params = list(params)
         self.optimizer = optimizer
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        #: Threads a large step runs on at once (`memory.BlockLanes`).
+        self.lanes = memory.BlockLanes(lanes)
+
+    def close(self) -> None:
+        self.lanes.close()
 
     def set_lr_factor(self, factor: float) -> None:
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
@@ -90,6 +102,14 @@ class UpdateRule(ABC):
                 if isinstance(gradient, SparseGradient) and gradient.indices.numel():
                     after[position] = self._apply_sparse(param, gradient, self.optimizer.state[param])
         return after
+
+    def step_blocks(self, numel: int, gradient: GradientBlocks, copies: Sequence[torch.Tensor]) -> bool:
+        """One dense step of every parameter, the gradient taken block by block over the
+        parameters as one flat tensor of `numel` elements, and each block's new values also
+        written into `copies` (flat, any float type: the pulls' snapshots) while in cache.
+        False, having changed nothing, where this rule cannot (the caller then steps with
+        the whole gradient)."""
+        return False
 
     def _dense_step(self, dense: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
         """The optimizer's step over the parameters in `dense` (the others hold no gradient,
@@ -154,24 +174,54 @@ class SGDRule(UpdateRule):
     checkpoints, the sparse path and torch's own step see them as before.
     """
 
-    def __init__(self, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
-        super().__init__(params, optimizer)
+    def __init__(self, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer, lanes: int = 1) -> None:
+        super().__init__(params, optimizer, lanes)
         self._flat_params: torch.Tensor | None = None
         self._param_ptrs: list[int] = []
         self._flat_momentum: torch.Tensor | None = None
         self._momentum_views: list[torch.Tensor] = []
 
-    def _dense_step(self, dense: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    def _flat_state(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The parameters as one flat tensor, and the momentum buffers as one (None without
+        momentum), when a step can run on them; None when it must go through torch: the
+        parameters are not one buffer, the SGD variant has no flat form here, or a first
+        step with momentum (torch starts each buffer as the gradient)."""
         (group,) = self.optimizer.param_groups
-        flat_params = self._params_back_to_back() if len(dense) == len(self.params) else None
+        flat_params = self._params_back_to_back()
         if flat_params is None or group["nesterov"] or group["dampening"] or group["maximize"]:
+            return None
+        buffer = self._momentum_buffer() if group["momentum"] else None
+        if group["momentum"] and buffer is None:
+            return None
+        return flat_params, buffer
+
+    def step_blocks(self, numel: int, gradient: GradientBlocks, copies: Sequence[torch.Tensor]) -> bool:
+        state = self._flat_state()
+        if state is None or state[0].numel() != numel:
+            return False
+        flat_params, buffer = state
+        (group,) = self.optimizer.param_groups
+        momentum, decay, lr = group["momentum"], group["weight_decay"], group["lr"]
+
+        def step(start: int, stop: int, lane: int) -> None:
+            params = flat_params[start:stop]
+            _sgd_block(gradient(start, stop, lane), params, None if buffer is None else buffer[start:stop],
+                       momentum, decay, lr)
+            for copy in copies:
+                copy[start:stop].copy_(params)
+
+        with torch.no_grad():
+            self.lanes.run(numel, step)
+        return True
+
+    def _dense_step(self, dense: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+        state = self._flat_state() if len(dense) == len(self.params) else None
+        if state is None:
             super()._dense_step(dense)
             return
+        flat_params, buffer = state
+        (group,) = self.optimizer.param_groups
         momentum = group["momentum"]
-        buffer = self._momentum_buffer() if momentum else None
-        if momentum and buffer is None:  # a first step: torch starts each buffer as the gradient
-            super()._dense_step(dense)
-            return
         gradients = [g for _, g in dense]
         flat = back_to_back(gradients)
         if flat is None:
@@ -226,7 +276,7 @@ class SGDRule(UpdateRule):
         if not momentum and not decay:
             scaled = gradient.values * -lr
             if gradient.unique:
-                return _add_at_unique(flat, gradient.indices, scaled)
+                return _add_at_unique(flat, gradient.indices, scaled, self.lanes)
             # scatter_add_ of the scaled values: the same sums in the same order as
             # index_add_(alpha=-lr), equal bit for bit, in 5.5 against 8.4 ms for 500 k of 50 M.
             flat.scatter_add_(0, gradient.indices, scaled)
@@ -247,23 +297,35 @@ class SGDRule(UpdateRule):
 
 
 #: Indices per block of `_add_at_unique`: the cache lines a block of scattered indices
-#: touches (1-2 MiB) are still cached when they are written back. At 500 k of 50 M:
-#: 3.7-3.8 ms in blocks of 16-32 K, 4.0 of 8 K, 4.1 of 64 K, 4.6 of 128 K.
-ADD_BLOCK_INDICES = 1 << 15
+#: touches are still cached when they are read back. At 500 k of 50 M: 4.6 ms in blocks of
+#: 8 K, 5.0-5.3 in blocks of 16-128 K, on one lane.
+ADD_BLOCK_INDICES = 1 << 13
+#: Fewest indices a lane of `_add_at_unique` takes (scattered accesses cost about 10 ns
+#: each: a lane of 64 K is worth a thread hand-off).
+ADD_LANE_INDICES = 1 << 16
 
 
-def _add_at_unique(flat: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def _add_at_unique(
+    flat: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, lanes: memory.BlockLanes
+) -> torch.Tensor:
     """flat[indices] += values for unique `indices`; returns the new flat[indices], in `values`.
 
-    The same one addition per element as scatter_add_, so the same result bit for bit,
-    done as gather, add and write back (`scatter_`) for a block of indices at a time. The
-    delta pull that follows a step needs exactly these new values: gathered again from a
-    model much larger than the cache, they cost 2.2-2.7 ms at 500 k of 50 M; here 0.3 ms
-    more than the scatter-add alone (3.9 against 3.6 ms)."""
-    for start, stop in memory.cache_blocks(indices.numel(), ADD_BLOCK_INDICES):
+    The same one addition per element as one scatter_add_, so the same result bit for bit,
+    then the sums read back while their cache lines are still cached, a block of indices
+    at a time: the delta pull that follows a step needs exactly these new values, and
+    gathered again later from a model much larger than the cache they cost a pass of
+    scattered reads of their own. Unique indices make the blocks independent, so they
+    run on several lanes at once: each access waits on memory, and two threads keep
+    twice as many in flight (500 k of 50 M: 2.8 against 5.2 ms on 2 lanes here; the
+    earlier gather-add-`scatter_` took 8.7: on this machine `scatter_` costs 6 ms to
+    `scatter_add_`'s 2.3)."""
+
+    def add(start: int, stop: int, lane: int) -> None:
         block, out = indices[start:stop], values[start:stop]
-        out.add_(flat.index_select(0, block))
-        flat.scatter_(0, block, out)
+        flat.scatter_add_(0, block, out)
+        torch.index_select(flat, 0, block, out=out)
+
+    lanes.run(indices.numel(), add, ADD_BLOCK_INDICES, ADD_LANE_INDICES)
     return values
 
 
@@ -294,13 +356,14 @@ class AdamRule(UpdateRule):
 
 
 def build_update_rule(
-    optimizer_name: str, params: Sequence[nn.Parameter], lr: float, momentum: float, weight_decay: float
+    optimizer_name: str, params: Sequence[nn.Parameter], lr: float, momentum: float, weight_decay: float,
+    lanes: int = 1,
 ) -> UpdateRule:
     # foreach: one call over all parameters rather than a Python loop of them (torch's
     # default on CUDA only); the same arithmetic per element.
     if optimizer_name == "sgd":
         return SGDRule(params, torch.optim.SGD(
-            params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True))
+            params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True), lanes)
     if optimizer_name == "adam":
-        return AdamRule(params, torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True))
+        return AdamRule(params, torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True), lanes)
     raise ConfigurationError(f"unknown optimizer {optimizer_name!r}")
