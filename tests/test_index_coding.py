@@ -83,3 +83,22 @@ def test_malformed_bitmaps_and_raw_indices_are_refused():
     for unordered in ([7, 3], [3, 3]):  # raw indices, like the others, strictly increase
         with pytest.raises(InvalidRequest, match="strictly increasing"):
             ic.decode(np.array(unordered, dtype=np.int32).tobytes(), 2, 100, ic.IndexEncoding.RAW, "t")
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("shift", [0, 1, 2, 4])
+def test_raw_indices_decode_the_same_wherever_they_lie_in_the_payload(dtype, shift):
+    """A payload's index section may start at any byte (after another tensor's fp16 values):
+    read in place where aligned, copied where not, the same indices and the same checks."""
+    indices = np.array([0, 5, 6, 99], dtype=dtype)
+    payload = np.frombuffer(bytes(shift) + indices.tobytes(), dtype=np.uint8)[shift:]
+    wide = torch.int64 if dtype == np.int64 else None
+    decoded = ic.decode(payload.data, 4, 100, ic.IndexEncoding.RAW, "t", wide)
+    assert decoded.dtype == torch.int64 and decoded.tolist() == [0, 5, 6, 99]
+    for bad, message in (([0, 5, 6, 100], r"outside \[0, 100\) \(min 0, max 100\)"),
+                         ([-1, 5, 6, 9], r"min -1, max 9"),
+                         ([0, 6, 5, 9], "strictly increasing"),
+                         ([0, 500, 5, 9], r"outside \[0, 100\) \(min 0, max 500\)")):
+        shifted = np.frombuffer(bytes(shift) + np.array(bad, dtype=dtype).tobytes(), dtype=np.uint8)[shift:]
+        with pytest.raises(InvalidRequest, match=message):
+            ic.decode(shifted.data, 4, 100, ic.IndexEncoding.RAW, "t", wide)

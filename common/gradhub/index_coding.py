@@ -119,14 +119,18 @@ def decode(
         dtype = np.int64 if wide else np.int32
         if len(raw) != nnz * np.dtype(dtype).itemsize:
             raise InvalidRequest(f"{what}: {len(raw)} index bytes for {nnz} raw indices")
-        indices = np.frombuffer(raw.tobytes(), dtype=dtype).astype(np.int64)
-        if nnz and (indices.min() < 0 or indices.max() >= numel):
-            raise InvalidRequest(
-                f"{what}: indices outside [0, {numel}) (min {indices.min()}, max {indices.max()})"
-            )
-        if nnz > 1 and not (indices[1:] > indices[:-1]).all():  # as the other encodings enforce
+        # Checked in their wire type, before widening (half the memory to read), and in place
+        # where they lie aligned (a received payload's sections usually do).
+        aligned = raw.ctypes.data % np.dtype(dtype).itemsize == 0
+        wire = np.frombuffer(raw if aligned else raw.tobytes(), dtype=dtype)
+        ascending = nnz < 2 or bool((wire[1:] > wire[:-1]).all())
+        # Ascending, the first and last are the least and the greatest.
+        low, high = (wire[0], wire[-1]) if ascending and nnz else (wire.min(initial=0), wire.max(initial=0))
+        if nnz and (low < 0 or high >= numel):
+            raise InvalidRequest(f"{what}: indices outside [0, {numel}) (min {low}, max {high})")
+        if not ascending:  # as the other encodings enforce
             raise InvalidRequest(f"{what}: indices must be strictly increasing")
-        return torch.from_numpy(indices)
+        return torch.from_numpy(wire.astype(np.int64))
     if encoding is IndexEncoding.BITMAP:
         if len(raw) != (numel + 7) // 8:
             raise InvalidRequest(f"{what}: bitmap of {len(raw)} bytes for {numel} elements")
