@@ -88,8 +88,8 @@ class _Recycler:
     faults again: filling a fresh 50 MB buffer took 7.8 ms here, against 3.8 ms for one
     already touched. A buffer comes back only once nothing refers to the view lent out
     (a weak reference to it says when), so it is never reused while a tensor, a message
-    or a snapshot still reads it. Free buffers are kept by exact size, newest first;
-    beyond `RECYCLE_BYTES` in all, the oldest go back to the system."""
+    or a snapshot still reads it. A free buffer of exactly the size asked for is lent again,
+    the last one freed first; beyond `RECYCLE_BYTES` in all, the oldest go back to the system."""
 
     def __init__(self) -> None:
         self._lock = threading.RLock()  # a view may die, and give back, while this one is held
@@ -151,10 +151,10 @@ class BlockLanes:
 
     A sync step's update of a large model runs while every worker waits for it, so the
     machine's other cores are idle; torch's kernels release the GIL, and each lane streams
-    through its own part of memory. The fused step of 2 fp16 pushes of 25 M (mean, SGD step,
-    fp16 snapshot) took 28.9 against 41.6 ms on 2 lanes on the development machine (2 cores;
-    memory bandwidth, not the cores, bounds it). Each lane's body gets its lane number, to
-    use scratch buffers of its own.
+    through its own part of memory. A sync step of 2 fp16 pushes of 25 M (mean, SGD step,
+    fp16 snapshot, in one pass) took 35 against 54 ms on 2 lanes on the development machine
+    (2 cores; memory bandwidth bounds it). Each lane's body gets its lane number, to use
+    scratch buffers of its own.
     """
 
     def __init__(self, lanes: int) -> None:

@@ -110,7 +110,7 @@ class ServerSettings:
 
 
 #: Most threads a step runs on by default: it is bound by memory bandwidth, which a few
-#: threads fill (2 fp16 pushes of 25 M: 41.6 ms on one thread, 28.9 on two, here).
+#: threads fill (a step of 2 fp16 pushes of 25 M: 54 ms on one thread, 35 on two, here).
 MAX_STEP_THREADS = 4
 
 

@@ -75,7 +75,7 @@ class StepSums:
         self._lanes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def lane_buffers(self, lane: int, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 buffers of `numel` elements (at most a cache block) for `lane` alone, kept
+        """fp32 buffers of `numel` elements (a block of a step) for `lane` alone, kept
         from step to step: one for a block's mean, one for a push's block converted."""
         buffers = self._lanes.get(lane)
         if buffers is None or buffers[0].numel() < numel:
@@ -140,7 +140,7 @@ class DenseMean:
     A rule that steps block by block (`UpdateRule.step_blocks`) asks for each block of the
     mean as it goes, so the mean of a block is made, used and dropped while it is in cache
     instead of written whole and read back: for 2 fp16 pushes of 25 M, mean, SGD step and
-    fp16 snapshot together took about 40 against 76 ms on one thread here. Any other rule
+    fp16 snapshot together took 54 against 77-85 ms on one thread here. Any other rule
     takes it `whole`. Either way the same additions in the same (rank) order, so the same
     values bit for bit."""
 
@@ -148,10 +148,6 @@ class DenseMean:
     flats: tuple[torch.Tensor, ...]
     shapes: tuple[torch.Size, ...]
     sums: StepSums
-
-    @property
-    def numel(self) -> int:
-        return self.flats[0].numel()
 
     def block(self, start: int, stop: int, lane: int) -> torch.Tensor:
         """The mean of elements [start, stop) in fp32, in `lane`'s buffer until its next

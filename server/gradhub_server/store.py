@@ -317,24 +317,31 @@ class ParameterStore:
             if self.finished:
                 raise RunFinished(f"the run finished at version {self._version}")
             factor = self._schedule(self._version / self.steps) * lr_scale
-            self.rule.set_lr_factor(factor)
             if isinstance(gradient, DenseMean):
-                if self.journal is None:
-                    copies = [memory.empty(self._numel, dtype) for dtype in dict.fromkeys(pull_dtypes)]
-                    if self.rule.step_blocks(self._numel, gradient.block, copies):
-                        self._advanced_locked([None] * len(self._named))
-                        for copy in copies:
-                            self._keep_snapshot_locked(copy)
-                        self._tell_applied(pushes)
-                        return self._version
+                if self.journal is None and self._step_in_blocks_locked(gradient, factor, pull_dtypes):
+                    self._tell_applied(pushes)
+                    return self._version
                 gradient = gradient.whole()
             self._journal(JournalRecord(self._version + 1, factor, list(gradient), tuple(pushes)))
+            self.rule.set_lr_factor(factor)
             written = self.rule.apply(gradient)
             self._advanced_locked([g.indices if isinstance(g, SparseGradient) else None for g in gradient])
             if any(values is not None for values in written):
                 self._written = written
             self._tell_applied(pushes)
             return self._version
+
+    def _step_in_blocks_locked(self, mean: DenseMean, factor: float, pull_dtypes: Sequence[torch.dtype]) -> bool:
+        """The step of `mean` block by block, writing the new version's snapshots in
+        `pull_dtypes` as it goes; False, with nothing changed, where the rule cannot."""
+        copies = [memory.empty(self._numel, dtype) for dtype in dict.fromkeys(pull_dtypes)]
+        self.rule.set_lr_factor(factor)
+        if not self.rule.step_blocks(self._numel, mean.block, copies):
+            return False
+        self._advanced_locked([None] * len(self._named))
+        for snapshot in copies:
+            self._keep_snapshot_locked(snapshot)
+        return True
 
     def _tell_applied(self, pushes: Sequence[AppliedPush]) -> None:
         if self.on_applied is not None and pushes:
