@@ -123,7 +123,7 @@ def decode(
         # where they lie aligned (a received payload's sections usually do).
         aligned = raw.ctypes.data % np.dtype(dtype).itemsize == 0
         wire = np.frombuffer(raw if aligned else raw.tobytes(), dtype=dtype)
-        ascending = nnz < 2 or bool((wire[1:] > wire[:-1]).all())
+        ascending = nnz < 2 or bool(np.greater(wire[1:], wire[:-1]).all())
         # Ascending, the first and last are the least and the greatest.
         low, high = (wire[0], wire[-1]) if ascending and nnz else (wire.min(initial=0), wire.max(initial=0))
         if nnz and (low < 0 or high >= numel):
