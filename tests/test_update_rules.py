@@ -323,3 +323,17 @@ def test_a_journaled_sync_step_records_the_whole_mean_it_applied(tmp_path):
     assert replayed.version == store.version == 3
     assert all(torch.equal(a, b) for a, b in zip(store.model.parameters(), replayed.model.parameters()))
     store.close()
+
+
+@pytest.mark.parametrize("lanes", [1, 3])
+@pytest.mark.parametrize("count", [0, 1, 30, 31])
+def test_a_gather_on_lanes_is_index_select(lanes, count, monkeypatch):
+    monkeypatch.setattr(update_rules, "ADD_LANE_INDICES", 8)  # lanes of 8 indices or more
+    generator = torch.Generator().manual_seed(count)
+    flat = torch.randn(500, generator=generator)
+    indices = torch.sort(torch.randperm(500, generator=generator)[:count]).values
+    runner = memory.BlockLanes(lanes)
+    try:
+        assert torch.equal(update_rules.gather(flat, indices, runner), flat.index_select(0, indices))
+    finally:
+        runner.close()
