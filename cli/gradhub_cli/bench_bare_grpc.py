@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from gradhub_cli.bench_wire import collect_results
+from gradhub_cli.bench_processes import collect_results
 
 _METHOD = "/gradhub.bench.Bare/RoundTrip"
 

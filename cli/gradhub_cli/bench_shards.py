@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
+from gradhub_cli.bench_processes import collect_results
 from gradhub_cli.bench_wire import (
     Cell,
-    collect_results,
     format_ms,
     format_ratio,
     gloo_allreduce_seconds,

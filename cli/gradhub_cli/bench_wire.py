@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from gradhub_cli.bench_processes import collect_results
+
 
 def hidden_for(parameters: int) -> int:
     """The `wide` model's hidden width that gives about `parameters` parameters: its count
@@ -46,26 +48,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def collect_results(results: Any, processes: list[Any], timeout: float) -> list[Any]:
-    """One result per process; a process that died without one is an error, not a hang."""
-    import queue
-
-    collected: list[Any] = []
-    deadline = time.monotonic() + timeout
-    while len(collected) < len(processes):
-        try:
-            collected.append(results.get(timeout=0.5))
-            continue
-        except queue.Empty:
-            pass
-        dead = [p for p in processes if p.exitcode not in (None, 0)]
-        if dead:
-            raise RuntimeError(f"benchmark process {dead[0].name} died with exit code {dead[0].exitcode}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"benchmark processes gave no result within {timeout:g}s")
-    return collected
 
 
 # --- the raw socket ------------------------------------------------------------------------
