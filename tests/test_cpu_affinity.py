@@ -12,6 +12,7 @@ import pytest
 
 from gradhub.cpu_affinity import format_cpu_list, parse_cpu_list, worker_cpu_sets
 from gradhub.errors import ConfigurationError
+from gradhub_server.app import MAX_STEP_THREADS, step_threads
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -68,3 +69,12 @@ def test_gradhub_run_pins_each_worker_to_its_own_cpus(tmp_path: Path):
     assert all(cpus <= allowed for cpus in pinned)
     if len(allowed) >= 2:
         assert not pinned[0] & pinned[1]
+
+
+def test_a_sync_step_runs_on_one_thread_per_usable_cpu_up_to_four_and_other_modes_on_one():
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    assert step_threads(0, "sync") == max(1, min(MAX_STEP_THREADS, usable))
+    assert step_threads(0, "async") == step_threads(0, "ssp") == 1  # their workers compute meanwhile
+    assert step_threads(3, "async") == 3  # asked for: taken as it is
+    with pytest.raises(ConfigurationError, match="--step-threads must be 0"):
+        step_threads(-1, "sync")
