@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from gradhub.cpu_affinity import usable_cpu_count
 from gradhub_cli.bench_processes import collect_results
 from gradhub_cli.bench_wire import (
     Cell,
@@ -171,13 +172,6 @@ def measure(parameters: int, workers: int, codec: str, shards: int, repeats: int
     }
 
 
-def usable_cores() -> int:
-    from gradhub.cpu_affinity import allowed_cpus
-
-    allowed = allowed_cpus()
-    return len(allowed) if allowed is not None else (os.cpu_count() or 1)
-
-
 def bench_shards(args: Any) -> tuple[list[dict[str, Any]], str]:
     from gradhub.redis_server import EmbeddedRedis
 
@@ -194,7 +188,7 @@ def bench_shards(args: Any) -> tuple[list[dict[str, Any]], str]:
                 row = measure(args.parameters, args.workers, args.codec, shards, args.repeats,
                               redis.url, Path(scratch))
                 row.update(round=round_, gloo_allreduce_ms=gloo_ms, push_pull_vs_gloo=row["push_pull_ms"] / gloo_ms,
-                           cores=usable_cores())
+                           cores=usable_cpu_count())
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     return rows, table(rows)

@@ -58,6 +58,12 @@ def allowed_cpus() -> frozenset[int] | None:
     return frozenset(os.sched_getaffinity(0))
 
 
+def usable_cpu_count() -> int:
+    """How many CPUs this process may use (where the OS does not say, how many there are)."""
+    allowed = allowed_cpus()
+    return len(allowed) if allowed is not None else (os.cpu_count() or 1)
+
+
 def pin_to(cpus: frozenset[int]) -> None:
     """Run this process (its threads started from now on) on `cpus` only. Call it before
     torch or gRPC start their threads."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import threading
 import time
@@ -124,8 +123,7 @@ def step_threads(asked: int, mode: str) -> int:
         return asked
     if mode != "sync":
         return 1
-    allowed = cpu_affinity.allowed_cpus()
-    return max(1, min(MAX_STEP_THREADS, len(allowed) if allowed is not None else (os.cpu_count() or 1)))
+    return max(1, min(MAX_STEP_THREADS, cpu_affinity.usable_cpu_count()))
 
 
 def _advertised(bind: str, port: int) -> str:
