@@ -35,7 +35,7 @@ def test_mode_defaults_fill_what_was_not_given(monkeypatch):
     assert (asyn.mode, asyn.steps, asyn.lr) == ("async", 9000, 0.5)
 
 
-@pytest.mark.parametrize(("workers", "lr"), [(None, 0.03), ("3", 0.02), ("4", 0.015), ("8", 0.0075)])
+@pytest.mark.parametrize(("workers", "lr"), [(None, 0.03), ("2", 0.03), ("3", 0.015), ("4", 0.015), ("8", 0.0075)])
 def test_the_async_default_rate_shrinks_beyond_two_workers(monkeypatch, workers, lr):
     monkeypatch.delenv("GRADHUB_MODE", raising=False)
     args = ["--mode", "ssp"] + (["--workers", workers] if workers else [])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import threading
 
+import numpy
 import pytest
 import torch
 
@@ -114,6 +115,26 @@ def test_a_recycled_buffer_is_lent_again_only_once_nothing_refers_to_it():
     third = memory.recycled(nbytes)
     assert third.ctypes.data == address  # given back when the last view went
     assert second.ctypes.data != third.ctypes.data  # and never to two holders at once
+
+
+@pytest.mark.parametrize("make_view", [
+    lambda a: a[5:9][1:],  # numpy refers a slice of a slice to the owner, not to the slice
+    lambda a: a.view(numpy.float32)[2:],
+    lambda a: memoryview(a)[3:],
+    lambda a: torch.from_numpy(a).view(torch.int32)[1:],
+    lambda a: torch.frombuffer(a, dtype=torch.float16, offset=2, count=4),
+], ids=["numpy-slice-of-slice", "numpy-other-type", "memoryview", "from_numpy", "frombuffer"])
+def test_a_recycled_buffer_stays_lent_while_any_kind_of_view_of_it_lives(make_view):
+    nbytes = memory.HUGE_PAGE_BYTES + 8  # a size no other test recycles
+    first = memory.recycled(nbytes)
+    address = first.ctypes.data
+    view = make_view(first)
+    del first
+    second = memory.recycled(nbytes)
+    assert second.ctypes.data != address  # the view still reads the first
+    del view
+    third = memory.recycled(nbytes)
+    assert third.ctypes.data == address  # free once the view is gone (`second` is still held)
 
 
 def test_the_recycler_keeps_at_most_its_limit_of_free_bytes(monkeypatch):

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import sys
 import threading
-import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -81,45 +81,62 @@ RECYCLE_BYTES = TRIM_THRESHOLD_BYTES
 
 
 class _Recycler:
-    """Large byte buffers lent as views and taken back when the last view is gone.
+    """Large byte buffers lent out, and lent again once nothing refers to them.
 
     Blocks this large are mapped fresh by glibc and given back on free (above 32 MB no
     `mallopt` keeps them), so every step's pushes, pulls and snapshots paid their page
     faults again: filling a fresh 50 MB buffer took 7.8 ms here, against 3.8 ms for one
-    already touched. A buffer comes back only once nothing refers to the view lent out
-    (a weak reference to it says when), so it is never reused while a tensor, a message
-    or a snapshot still reads it. A free buffer of exactly the size asked for is lent again,
-    the last one freed first; beyond `RECYCLE_BYTES` in all, the oldest go back to the system."""
+    already touched.
+
+    A buffer is free when the recycler holds the only reference to it. Every view of it
+    refers to it: a numpy slice of a slice refers to the array that owns the memory, not to
+    the slice it came from, and a tensor made from it (`torch.from_numpy`,
+    `torch.frombuffer`) or a memoryview holds that array. So a buffer read by any tensor,
+    message or snapshot is never lent again; a weak reference to a view lent out, as
+    before, fired while a numpy slice of it still lived. A free buffer of exactly the size
+    asked for is lent again, the one lent last first; beyond `RECYCLE_BYTES` of free
+    buffers, the ones lent longest ago go back to the system."""
 
     def __init__(self) -> None:
-        self._lock = threading.RLock()  # a view may die, and give back, while this one is held
-        self._free: list[numpy.ndarray] = []  # oldest first
-        self._free_bytes = 0
+        self._lock = threading.Lock()
+        self._buffers: list[numpy.ndarray] = []  # lent or free, the one lent last at the end
 
     def take(self, nbytes: int) -> numpy.ndarray:
-        base = None
         with self._lock:
-            for position in range(len(self._free) - 1, -1, -1):
-                if self._free[position].nbytes == nbytes:
-                    base = self._free.pop(position)
-                    self._free_bytes -= nbytes
-                    break
-        if base is None:
-            base = numpy.empty(nbytes, dtype=numpy.uint8)
-        view = base[:]
-        weakref.finalize(view, self._give_back, base)
-        return view
+            free = self._free_positions_locked()
+            chosen = next((p for p in reversed(free) if self._buffers[p].nbytes == nbytes), None)
+            buffer = numpy.empty(nbytes, dtype=numpy.uint8) if chosen is None else self._buffers.pop(chosen)
+            self._trim_locked()
+            self._buffers.append(buffer)
+            return buffer
 
-    def _give_back(self, base: numpy.ndarray) -> None:
-        with self._lock:
-            self._free.append(base)
-            self._free_bytes += base.nbytes
-            while self._free_bytes > RECYCLE_BYTES:
-                self._free_bytes -= self._free.pop(0).nbytes
+    def _free_positions_locked(self) -> list[int]:
+        # getrefcount's own argument and this list's entry: nothing else refers to it.
+        return [p for p in range(len(self._buffers)) if sys.getrefcount(self._buffers[p]) <= _OWN_REFERENCES]
+
+    def _trim_locked(self) -> None:
+        free = self._free_positions_locked()
+        extra = sum(self._buffers[p].nbytes for p in free) - RECYCLE_BYTES
+        dropped = set()
+        for position in free:  # lent longest ago first
+            if extra <= 0:
+                break
+            extra -= self._buffers[position].nbytes
+            dropped.add(position)
+        if dropped:
+            self._buffers = [b for p, b in enumerate(self._buffers) if p not in dropped]
 
     def free_bytes(self) -> int:
+        """Bytes of free buffers kept, after giving back those beyond `RECYCLE_BYTES`
+        (`take` does that too: a buffer freed since is known free only then)."""
         with self._lock:
-            return self._free_bytes
+            self._trim_locked()
+            return sum(self._buffers[p].nbytes for p in self._free_positions_locked())
+
+
+#: References to a free buffer that `sys.getrefcount(self._buffers[p])` counts: the list's
+#: entry and the call's argument.
+_OWN_REFERENCES = 2
 
 
 _recycler = _Recycler()
