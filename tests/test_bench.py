@@ -60,9 +60,12 @@ def test_micro_suites_measure_what_their_tables_state(tmp_path: Path):
 
 def test_wire_suite_measures_a_real_cluster_beside_raw_tcp_and_gloo(tmp_path: Path):
     bench("wire", "--sizes", "200000", "--workers", "2", "--codecs", "none", "topk:0.01+fp16",
-          "--repeats", "2", "--out", str(tmp_path))
+          "--repeats", "2", "--rounds", "2", "--out", str(tmp_path))
     dense, topk = rows(tmp_path, "wire")
     assert [dense["codec"], topk["codec"]] == ["none", "topk:0.01+fp16"]
+    for row in (dense, topk):  # two passes over the codecs, each timed on its own
+        assert row["rounds"] == 2 and len(row["push_pull_ms_per_round"]) == 2
+        assert all(ms > 0 for ms in row["push_pull_ms_per_round"])
     # The bytes that crossed: dense fp32 is 4 bytes a parameter plus framing; top-k 1 % far less.
     assert 4 * 200_000 <= dense["push_bytes"] < 1.02 * 4 * 200_000
     assert topk["push_bytes"] < dense["push_bytes"] / 20

@@ -291,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="model parameters (an MLP of that size)")
     wire.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     wire.add_argument("--codecs", nargs="+", default=["none", "fp16", "topk:0.01+fp16"])
-    wire.add_argument("--repeats", type=int, default=5)
+    wire.add_argument("--repeats", type=int, default=5, help="timed repeats per cell in each pass")
+    wire.add_argument("--rounds", type=int, default=2,
+                      help="passes over the codecs of each size and worker count, alternating the order")
     wire.set_defaults(func=bench_wire)
 
     shards = suites.add_parser("shards", help="a sync push+pull against S servers of parameters/S each")

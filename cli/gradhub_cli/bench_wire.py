@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,7 +248,12 @@ def sync_server(cell: Cell, redis_url: str, run_id: str, out: Path) -> Iterator[
             server.wait()
 
 
-def measure_cell(cell: Cell, redis_url: str, scratch: Path) -> dict[str, Any]:
+CALLS = ("push", "pull", "push_pull")
+
+
+def measure_cell(cell: Cell, redis_url: str, scratch: Path) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """One pass of `cell` against its own server: per call, the slowest worker's seconds of
+    each repeat; and the bytes of a push, a pull and a push+pull's pull."""
     run_id = f"bench-wire-{uuid.uuid4().hex[:8]}"
     context = mp.get_context("spawn")
     barrier = context.Barrier(cell.workers)
@@ -265,17 +270,44 @@ def measure_cell(cell: Cell, redis_url: str, scratch: Path) -> dict[str, Any]:
                 process.join(timeout=60)
                 if process.is_alive():
                     process.kill()
+    slowest = {call: [max(collected[r][0][call][i] for r in collected) for i in range(cell.repeats)]
+               for call in CALLS}
+    return slowest, collected[0][1]
+
+
+def cell_row(cell: Cell, samples: dict[str, list[float]], sizes: dict[str, int],
+             push_pull_per_pass: list[float]) -> dict[str, Any]:
+    """A cell's row from its samples over every pass: medians in ms, and the bytes."""
     row: dict[str, Any] = {"parameters": cell.parameters, "workers": cell.workers, "codec": cell.codec,
                            "pull_dtype": str(cell.pull_dtype).removeprefix("torch."),
                            "pull_delta": cell.pull_delta}
-    for call in ("push", "pull", "push_pull"):
-        slowest = [max(collected[r][0][call][i] for r in collected) for i in range(cell.repeats)]
-        row[f"{call}_ms"] = 1000 * statistics.median(slowest)
-    sizes = collected[0][1]
+    for call in CALLS:
+        row[f"{call}_ms"] = 1000 * statistics.median(samples[call])
+    row["rounds"] = len(push_pull_per_pass)
+    row["push_pull_ms_per_round"] = [1000 * seconds for seconds in push_pull_per_pass]
     row["push_bytes"] = sizes["push"]
     row["pull_bytes"] = sizes["pull"]
     row["push_pull_bytes"] = sizes["push"] + sizes["push_pull_down"]
     return row
+
+
+def measure_group(parameters: int, workers: int, codecs: Sequence[str], repeats: int, rounds: int,
+                  redis_url: str, scratch: Path) -> list[dict[str, Any]]:
+    """The rows of one model size and worker count, one per codec, measured in `rounds`
+    passes over the codecs in alternating order: a ratio between codecs (top-k against
+    dense) then compares times taken in the same minutes, not minutes apart, on a machine
+    whose speed drifts by a third over an hour."""
+    samples: dict[str, dict[str, list[float]]] = {codec: {call: [] for call in CALLS} for codec in codecs}
+    per_pass: dict[str, list[float]] = {codec: [] for codec in codecs}
+    sizes: dict[str, dict[str, int]] = {}
+    for round_ in range(rounds):
+        for codec in codecs if round_ % 2 == 0 else list(reversed(codecs)):
+            timings, sizes[codec] = measure_cell(Cell(parameters, workers, codec, repeats), redis_url, scratch)
+            for call in CALLS:
+                samples[codec][call] += timings[call]
+            per_pass[codec].append(statistics.median(timings["push_pull"]))
+    return [cell_row(Cell(parameters, workers, codec, repeats), samples[codec], sizes[codec], per_pass[codec])
+            for codec in codecs]
 
 
 def bench_wire(args: Any) -> tuple[list[dict[str, Any]], str]:
@@ -283,6 +315,8 @@ def bench_wire(args: Any) -> tuple[list[dict[str, Any]], str]:
     from gradhub.wire import CHUNK_BYTES
     from gradhub_cli.bench_bare_grpc import bare_grpc_round_trip_seconds
 
+    if args.repeats < 1 or args.rounds < 1:
+        raise SystemExit("gradhub bench wire: --repeats and --rounds must be at least 1")
     rows: list[dict[str, Any]] = []
     raw_cache: dict[int, float] = {}
     gloo_cache: dict[tuple[int, int], float] = {}
@@ -306,9 +340,8 @@ def bench_wire(args: Any) -> tuple[list[dict[str, Any]], str]:
                 # A world of one process all-reduces nothing: no reference to compare with.
                 gloo_cache[key] = (1000 * gloo_allreduce_seconds(parameters, workers, args.repeats)
                                    if workers > 1 else math.nan)
-                for codec in args.codecs:
-                    cell = Cell(parameters, workers, codec, args.repeats)
-                    row = measure_cell(cell, redis.url, Path(scratch))
+                for row in measure_group(parameters, workers, args.codecs, args.repeats, args.rounds,
+                                         redis.url, Path(scratch)):
                     row["gloo_allreduce_ms"] = gloo_cache[key]
                     for call in ("push", "pull"):
                         row[f"raw_tcp_{call}_ms"] = raw_ms(row[f"{call}_bytes"])
@@ -331,7 +364,9 @@ def bench_wire(args: Any) -> tuple[list[dict[str, Any]], str]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "Sync mode; times are medians of the slowest worker; raw TCP moves the same bytes over a "
+        f"Sync mode; times are medians of the slowest worker over {rows[0]['rounds'] if rows else 1} passes over the "
+        "codecs of each size and worker count, in alternating order (the JSON has each pass's push+pull median); "
+        "raw TCP moves the same bytes over a "
         "loopback socket in the same run; gloo is an all_reduce of the fp32 tensor across as many processes; "
         "bare gRPC moves the step's bytes (each worker's push up, a barrier, its pull down) through a gRPC "
         "Python server that does nothing else.",
