@@ -108,11 +108,36 @@ def test_a_small_models_step_is_one_unary_call_and_a_big_ones_falls_back_to_a_pu
 
 @pytest.mark.parametrize("runs", [1, 2, 5])
 def test_the_union_of_changed_indices_is_sorted_and_unique_whatever_the_runs(runs):
-    from gradhub_server.store import _union
+    from gradhub_server.store import _sorted_unique, _union
 
     generator = torch.Generator().manual_seed(runs)
     parts = [torch.randperm(10_000, generator=generator)[:3_000].sort().values for _ in range(runs)]
-    parts.append(torch.tensor([5, 5, 2, 9_999]))  # a part in no order, with a repeat
-    for given in (parts[:runs], parts):
-        assert torch.equal(_union(given), torch.unique(torch.cat(given)))
+    assert torch.equal(_union(parts), torch.unique(torch.cat(parts)))
+    # What a step records may be in no order, with repeats (a sync step's pushes concatenated).
+    unordered = parts + [torch.tensor([5, 5, 2, 9_999])]
+    before = [part.clone() for part in unordered]
+    assert torch.equal(_sorted_unique(unordered), torch.unique(torch.cat(unordered)))
+    assert all(torch.equal(a, b) for a, b in zip(unordered, before))  # sorted a copy, not the parts
     assert _union(None) is None and _union([]).numel() == 0
+
+
+def test_a_step_records_its_sparse_indices_sorted_and_unique_for_the_delta_pulls():
+    from torch import nn
+
+    from gradhub_server.schedules import schedule_from_name
+    from gradhub_server.store import ParameterStore
+    from gradhub_server.update_rules import SparseGradient, build_update_rule
+
+    model = nn.Linear(10, 3)  # weight 30, bias 3
+    rule = build_update_rule("sgd", list(model.parameters()), 0.1, 0.0, 0.0)
+    store = ParameterStore(model, rule, steps=10, schedule=schedule_from_name("constant"))
+    pushed = SparseGradient(torch.tensor([1, 4, 7]), torch.ones(3), unique=True)
+    # Two workers' pushes concatenated, as a sync step's sparse mean is: repeats add up.
+    mean = SparseGradient(torch.tensor([1, 4, 9, 4, 7, 0]), torch.ones(6), unique=False)
+    store.apply([pushed, torch.zeros(3)])
+    weight, bias = store.changed_since(0)
+    assert weight is pushed.indices and bias is None  # a push's own indices, not a copy
+    store.apply([mean, torch.zeros(3)])
+    assert torch.equal(store.changed_since(1)[0], torch.tensor([0, 1, 4, 7, 9]))
+    assert torch.equal(store.changed_since(0)[0], torch.tensor([0, 1, 4, 7, 9]))  # across two versions
+    assert torch.equal(mean.indices, torch.tensor([1, 4, 9, 4, 7, 0]))  # the gradient itself untouched
