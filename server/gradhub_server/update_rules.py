@@ -215,30 +215,16 @@ class SGDRule(UpdateRule):
         return True
 
     def _dense_step(self, dense: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
-        state = self._flat_state() if len(dense) == len(self.params) else None
-        if state is None:
-            super()._dense_step(dense)
-            return
-        flat_params, buffer = state
-        (group,) = self.optimizer.param_groups
-        momentum = group["momentum"]
-        gradients = [g for _, g in dense]
-        flat = back_to_back(gradients)
-        if flat is None:
-            flat = torch.cat([g.reshape(-1) for g in gradients])
-        decay, lr = group["weight_decay"], group["lr"]
-        with torch.no_grad():
-            numel = flat.numel()
-            if numel <= memory.CACHE_BLOCK_ELEMENTS or not (decay or buffer is not None):
-                _sgd_block(flat, flat_params, buffer, momentum, decay, lr)
+        """Every parameter's gradient dense: one flat step, block by block (`step_blocks`),
+        where the rule allows it; else torch's."""
+        if len(dense) == len(self.params) and self._flat_state() is not None:
+            gradients = [g for _, g in dense]
+            flat = back_to_back(gradients)
+            if flat is None:
+                flat = torch.cat([g.reshape(-1) for g in gradients])
+            if self.step_blocks(flat.numel(), lambda start, stop, lane: flat[start:stop], ()):
                 return
-            # A large model block by block: a block's gradient, momentum and parameters
-            # stay in cache through the three operations instead of making five passes
-            # over memory. At 25 M with momentum: 15.2-16.4 against 18.3-20.0 ms with
-            # weight decay, 11.0-11.6 against 13.3-13.8 without.
-            for start, stop in memory.cache_blocks(numel):
-                _sgd_block(flat[start:stop], flat_params[start:stop],
-                           None if buffer is None else buffer[start:stop], momentum, decay, lr)
+        super()._dense_step(dense)
 
     def _params_back_to_back(self) -> torch.Tensor | None:
         """The parameters as one flat view, when they are one buffer (checked by address:
