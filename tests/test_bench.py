@@ -79,7 +79,26 @@ def test_wire_suite_measures_a_real_cluster_beside_raw_tcp_and_gloo(tmp_path: Pa
         assert row["bare_grpc_push_pull_ms"] > 0
         assert row["push_pull_vs_bare_grpc"] == pytest.approx(row["push_pull_ms"] / row["bare_grpc_push_pull_ms"])
     assert dense["push_pull_speedup_vs_dense"] == 1.0
+    # Pass by pass, each codec against the dense pass of the same minutes.
+    assert topk["push_pull_speedup_vs_dense_per_round"] == pytest.approx(
+        [d / t for d, t in zip(dense["push_pull_ms_per_round"], topk["push_pull_ms_per_round"])])
     assert "bare gRPC" in (tmp_path / "wire.md").read_text()
+
+
+def test_the_wire_table_shows_the_passes_range_of_a_speed_up():
+    from gradhub_cli.bench_wire import add_speedups, format_speedup
+
+    def row(codec: str, ms: float, per_round: list[float]) -> dict:
+        return {"parameters": 50_000_000, "workers": 1, "codec": codec, "push_pull_ms": ms,
+                "push_pull_ms_per_round": per_round}
+
+    rows = [row("none", 400.0, [420.0, 390.0, 390.0]), row("topk:0.01+fp16", 25.0, [20.0, 25.0, 26.0])]
+    add_speedups(rows)
+    dense, topk = rows
+    assert topk["push_pull_speedup_vs_dense"] == pytest.approx(16.0)
+    assert topk["push_pull_speedup_vs_dense_per_round"] == pytest.approx([21.0, 15.6, 15.0])
+    assert format_speedup(topk) == "16.0x (passes 15.0–21.0x)"
+    assert format_speedup(dense) == "1.0x"  # the reference itself: no range
 
 
 def test_the_bare_grpc_reference_sends_the_bytes_in_chunks_and_waits_for_every_client():

@@ -354,12 +354,35 @@ def bench_wire(args: Any) -> tuple[list[dict[str, Any]], str]:
                     row["bare_grpc_vs_gloo"] = row["bare_grpc_push_pull_ms"] / row["gloo_allreduce_ms"]
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
+    add_speedups(rows)
+    return rows, table(rows)
+
+
+def add_speedups(rows: list[dict[str, Any]]) -> None:
+    """Each row's push+pull speed-up against the dense fp32 row of its size and worker count:
+    of the medians, and pass by pass (`push_pull_speedup_vs_dense_per_round`), each pass's
+    median against the dense one of the same pass, timed in the same minutes. On a machine
+    whose speed drifts, the spread of the passes says how far to trust the median's ratio."""
     dense = {(r["parameters"], r["workers"]): r for r in rows if r["codec"] in ("none", "fp32")}
     for row in rows:
         reference = dense.get((row["parameters"], row["workers"]))
-        row["push_pull_speedup_vs_dense"] = (reference["push_pull_ms"] / row["push_pull_ms"]
-                                             if reference else math.nan)
-    return rows, table(rows)
+        if reference is None:
+            row["push_pull_speedup_vs_dense"] = math.nan
+            row["push_pull_speedup_vs_dense_per_round"] = []
+            continue
+        row["push_pull_speedup_vs_dense"] = reference["push_pull_ms"] / row["push_pull_ms"]
+        row["push_pull_speedup_vs_dense_per_round"] = [
+            dense_ms / ms for dense_ms, ms in zip(reference["push_pull_ms_per_round"], row["push_pull_ms_per_round"])
+        ]
+
+
+def format_speedup(row: dict[str, Any]) -> str:
+    """The medians' speed-up, with the passes' range where there were several."""
+    per_round = row.get("push_pull_speedup_vs_dense_per_round", [])
+    text = format_ratio(row["push_pull_speedup_vs_dense"], 1)
+    if len(per_round) > 1 and row["codec"] not in ("none", "fp32"):
+        text += f" (passes {min(per_round):.1f}–{max(per_round):.1f}x)"
+    return text
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -377,14 +400,13 @@ def table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        speedup = r["push_pull_speedup_vs_dense"]
         lines.append(
             f"| {r['parameters'] / 1e6:g} M | {r['workers']} | {r['codec']} | {r['push_ms']:.1f} ms "
             f"| {r['push_gbps']:.2f} ({100 * r['push_of_raw']:.0f} %) | {r['pull_ms']:.1f} ms "
             f"| {r['pull_gbps']:.2f} ({100 * r['pull_of_raw']:.0f} %) | {r['push_pull_ms']:.1f} ms "
             f"| {r['bare_grpc_push_pull_ms']:.1f} ms | {format_ratio(r['push_pull_vs_bare_grpc'], 2)} "
             f"| {format_ms(r['gloo_allreduce_ms'])} | {format_ratio(r['push_pull_vs_gloo'], 2)} "
-            f"| {format_ratio(r['bare_grpc_vs_gloo'], 2)} | {format_ratio(speedup, 1)} |"
+            f"| {format_ratio(r['bare_grpc_vs_gloo'], 2)} | {format_speedup(r)} |"
         )
     return "\n".join(lines)
 
