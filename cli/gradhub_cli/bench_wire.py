@@ -358,12 +358,16 @@ def bench_wire(args: Any) -> tuple[list[dict[str, Any]], str]:
     return rows, table(rows)
 
 
+#: The codecs a speed-up is measured against: dense fp32.
+DENSE_CODECS = ("none", "fp32")
+
+
 def add_speedups(rows: list[dict[str, Any]]) -> None:
     """Each row's push+pull speed-up against the dense fp32 row of its size and worker count:
     of the medians, and pass by pass (`push_pull_speedup_vs_dense_per_round`), each pass's
     median against the dense one of the same pass, timed in the same minutes. On a machine
     whose speed drifts, the spread of the passes says how far to trust the median's ratio."""
-    dense = {(r["parameters"], r["workers"]): r for r in rows if r["codec"] in ("none", "fp32")}
+    dense = {(r["parameters"], r["workers"]): r for r in rows if r["codec"] in DENSE_CODECS}
     for row in rows:
         reference = dense.get((row["parameters"], row["workers"]))
         if reference is None:
@@ -378,9 +382,9 @@ def add_speedups(rows: list[dict[str, Any]]) -> None:
 
 def format_speedup(row: dict[str, Any]) -> str:
     """The medians' speed-up, with the passes' range where there were several."""
-    per_round = row.get("push_pull_speedup_vs_dense_per_round", [])
+    per_round = row["push_pull_speedup_vs_dense_per_round"]
     text = format_ratio(row["push_pull_speedup_vs_dense"], 1)
-    if len(per_round) > 1 and row["codec"] not in ("none", "fp32"):
+    if len(per_round) > 1 and row["codec"] not in DENSE_CODECS:
         text += f" (passes {min(per_round):.1f}–{max(per_round):.1f}x)"
     return text
 

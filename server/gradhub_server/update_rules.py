@@ -199,6 +199,14 @@ class SGDRule(UpdateRule):
         state = self._flat_state()
         if state is None or state[0].numel() != numel:
             return False
+        self._step_flat(state, numel, gradient, copies)
+        return True
+
+    def _step_flat(
+        self, state: tuple[torch.Tensor, torch.Tensor | None], numel: int, gradient: GradientBlocks,
+        copies: Sequence[torch.Tensor],
+    ) -> None:
+        """`step_blocks` on the flat state `_flat_state` returned."""
         flat_params, buffer = state
         (group,) = self.optimizer.param_groups
         momentum, decay, lr = group["momentum"], group["weight_decay"], group["lr"]
@@ -212,19 +220,19 @@ class SGDRule(UpdateRule):
 
         with torch.no_grad():
             self.lanes.run(numel, step)
-        return True
 
     def _dense_step(self, dense: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
         """Every parameter's gradient dense: one flat step, block by block (`step_blocks`),
         where the rule allows it; else torch's."""
-        if len(dense) == len(self.params) and self._flat_state() is not None:
-            gradients = [g for _, g in dense]
-            flat = back_to_back(gradients)
-            if flat is None:
-                flat = torch.cat([g.reshape(-1) for g in gradients])
-            if self.step_blocks(flat.numel(), lambda start, stop, lane: flat[start:stop], ()):
-                return
-        super()._dense_step(dense)
+        state = self._flat_state() if len(dense) == len(self.params) else None
+        if state is None:
+            super()._dense_step(dense)
+            return
+        gradients = [g for _, g in dense]
+        flat = back_to_back(gradients)
+        if flat is None:
+            flat = torch.cat([g.reshape(-1) for g in gradients])
+        self._step_flat(state, flat.numel(), lambda start, stop, lane: flat[start:stop], ())
 
     def _params_back_to_back(self) -> torch.Tensor | None:
         """The parameters as one flat view, when they are one buffer (checked by address:
